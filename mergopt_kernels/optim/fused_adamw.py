@@ -1,0 +1,182 @@
+"""FusedMergOptAdamW: MergOPT with AdamW as base, one fused pass per step."""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable, Optional
+
+import torch
+
+from . import _perturbation as pt
+
+ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master")
+
+
+class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
+    """AdamW whose every gradient is taken at ``theta_t + (K_t alpha_t - 1) z_t`` (MergOPT).
+
+    Building the optimizer writes the first perturbation into the parameters, so the first
+    forward/backward already sees it. Each ``step()`` is one fused pass per (group, device,
+    dtype): regenerate ``z_t`` from the Philox stream and remove it, apply AdamW exactly as
+    ``torch.optim.AdamW`` does, write ``theta_{t+1} + s_{t+1} z_{t+1}``. The noise is never
+    stored. State per parameter: ``step``, ``exp_avg``, ``exp_avg_sq`` (fp32) and, with
+    ``amsgrad``, ``max_exp_avg_sq``; bfloat16/float16 parameters also keep ``master``, an fp32
+    copy of theta that makes their restore exact (their moments are fp32 too).
+
+    Args:
+        params: iterable of parameters (float32, bfloat16, float16; contiguous) or param groups.
+        lr, betas, eps, weight_decay, amsgrad, maximize: as ``torch.optim.AdamW``; ``lr`` may be
+            a 1-element tensor on the parameters' device.
+        noise_scale: ``b`` of Laplace(loc, b), or the std for ``distribution="gaussian"``;
+            0 turns the noise off (per group: e.g. for norms and biases).
+        noise_loc: ``mu`` of the noise.
+        alphas: merge coefficients ``alpha`` is drawn from, uniformly, once per step.
+        k_max: the number of merged models ``K`` is drawn uniformly from ``1..k_max``.
+        distribution: ``"laplace"`` or ``"gaussian"``.
+        seed: 64-bit seed of the noise stream; None draws one from torch's default generator.
+        backend: ``"auto"`` (Triton on GPUs, torch ops on the CPU), ``"triton"`` or ``"torch"``.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, maximize=False, *, noise_scale=5e-4, noise_loc=0.0,
+                 alphas=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6), k_max=7, distribution="laplace",
+                 seed: Optional[int] = None, backend: str = "auto"):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, noise_scale=noise_scale, noise_loc=noise_loc,
+                        alphas=alphas, k_max=k_max, distribution=distribution)
+        self._seen_params: set = set()
+        self._ready = False
+        super().__init__(params, defaults)
+        self._init_perturbation(seed, backend)
+        with torch.no_grad():
+            for group in self.param_groups:
+                self._init_state(group["params"])
+            self._noise_pass(restore=False, apply_offset=0)
+        self._perturbed = True
+        self._ready = True
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group (checked first); after construction its params get the current noise."""
+        group = dict(param_group)
+        params = group["params"]
+        group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
+        for name, default in self.defaults.items():
+            group.setdefault(name, default)
+        _check_adam_options(group)
+        pt.check_noise_options(group)
+        pt.check_params(group["params"], set(self._seen_params))
+        super().add_param_group(group)
+        self._seen_params.update(id(p) for p in group["params"])
+        if self._ready:
+            with torch.no_grad():
+                self._init_state(group["params"])
+                if self._perturbed and group["noise_scale"] != 0:
+                    index = len(self.param_groups) - 1
+                    for _, _, params in (b for b in self._buckets() if b[0] == index):
+                        self._launch(index, group, params, [None] * len(params), restore=False,
+                                     apply_offset=0)
+
+    def _init_state(self, params: list) -> None:
+        amsgrad_params = {p for g in self.param_groups if g["amsgrad"] for p in g["params"]}
+        for p in params:
+            state = self.state[p]
+            if "step" in state:
+                continue
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+            if p in amsgrad_params:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+        self._init_masters(params)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
+        """One MergOPT step. The closure, if given, runs first (at the perturbed weights)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self._perturbed:
+            self._sync_masters_with_params()
+        buckets = list(self._buckets())
+        for _, _, params in buckets:
+            for p in params:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise TypeError("FusedMergOptAdamW does not support sparse gradients")
+        for index, group, params in buckets:
+            grads = [p.grad if p.grad is None or p.grad.is_contiguous() else p.grad.contiguous()
+                     for p in params]
+            if group["noise_scale"] == 0:
+                params, grads = _with_grads(params, grads)
+                if not params:
+                    continue
+            stepped = [self.state[p]["step"] for p, g in zip(params, grads) if g is not None]
+            if stepped:
+                torch._foreach_add_(stepped, 1.0)
+            with_grad = [g is not None for g in grads]
+            adam = dict(
+                exp_avgs=[self.state[p]["exp_avg"] for p in params],
+                exp_avg_sqs=[self.state[p]["exp_avg_sq"] for p in params],
+                max_exp_avg_sqs=[self.state[p]["max_exp_avg_sq"] for p in params] if group["amsgrad"] else [],
+                steps=[self.state[p]["step"] for p in params], lr=group["lr"],
+                beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+                weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
+                maximize=group["maximize"])
+            self._launch(index, group, params, grads, restore=self._perturbed, apply_offset=1,
+                         adam=adam if any(with_grad) else None)
+        self._advance_noise_step()
+        self._perturbed = True
+        return loss
+
+    def state_dict(self) -> dict:
+        """torch's optimizer state plus ``"mergopt": {"seed", "noise_step"}``."""
+        state = super().state_dict()
+        state["mergopt"] = self._mergopt_state()
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state saved by ``state_dict()``; the parameters must hold the clean weights
+        that were saved with it (or the current perturbed ones: they are restored first).
+
+        Moments and masters stay fp32 whatever the parameters' dtype.
+        """
+        if "mergopt" not in state_dict:
+            raise ValueError("state_dict has no 'mergopt' entry: it was not saved by FusedMergOptAdamW")
+        self.remove_perturbation()
+        saved_state = state_dict["state"]
+        without_state = {k: v for k, v in state_dict.items() if k not in ("state", "mergopt")}
+        super().load_state_dict({**without_state, "state": {}})
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            entry = saved_state.get(saved_id, {})
+            self.state[p] = {k: v.to(device=p.device, dtype=torch.float32, copy=True)
+                             for k, v in copy.copy(entry).items()}
+        for group in self.param_groups:
+            pt.check_noise_options(group)
+            self._init_state(group["params"])
+        self._load_mergopt_state(state_dict["mergopt"])
+        self._noise_pass(restore=False, apply_offset=0)
+        self._perturbed = True
+
+
+def _with_grads(params: list, grads: list) -> tuple[list, list]:
+    pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
+    return [p for p, _ in pairs], [g for _, g in pairs]
+
+
+def _check_adam_options(group: dict) -> None:
+    pt._finite_number("lr", group["lr"], 0.0)
+    pt._finite_number("eps", group["eps"], 0.0)
+    pt._finite_number("weight_decay", group["weight_decay"], 0.0)
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for name, beta in zip(("betas[0]", "betas[1]"), betas):
+        pt._finite_number(name, beta)
+        if not 0.0 <= float(beta) < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {beta}")
+    for flag in ("amsgrad", "maximize"):
+        if not isinstance(group[flag], bool):
+            raise TypeError(f"{flag} must be a bool, got {group[flag]!r}")

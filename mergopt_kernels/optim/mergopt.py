@@ -1,0 +1,124 @@
+"""MergOpt: the MergOPT perturbation around any torch optimizer (paper D.2.2 uses SGD)."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from . import _perturbation as pt
+
+
+class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
+    """Wrap ``base`` so that every gradient is taken at ``theta_t + (K_t alpha_t - 1) z_t``.
+
+    The wrapper shares ``base``'s param groups (the same dicts) and state, so an LR scheduler
+    attached to it drives the learning rate ``base`` uses. Each ``step()`` is three passes:
+    remove the perturbation (regenerated from the Philox stream, never stored),
+    ``base.step()``, write the next perturbation. bfloat16/float16 parameters keep an fp32
+    ``master`` copy in the state for an exact restore.
+
+    Args:
+        base: a constructed torch optimizer; its groups get the noise options below as defaults.
+        noise_scale, noise_loc, alphas, k_max, distribution, seed, backend: as in
+            ``FusedMergOptAdamW``.
+    """
+
+    def __init__(self, base: torch.optim.Optimizer, *, noise_scale=5e-4, noise_loc=0.0,
+                 alphas=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6), k_max=7, distribution="laplace",
+                 seed: Optional[int] = None, backend: str = "auto"):
+        if not isinstance(base, torch.optim.Optimizer):
+            raise TypeError(f"base must be a torch.optim.Optimizer, got {type(base).__name__}")
+        if isinstance(base, pt.PerturbationMixin):
+            raise TypeError("base already perturbs its parameters; wrap a plain optimizer")
+        self.base = base
+        noise_defaults = dict(noise_scale=noise_scale, noise_loc=noise_loc, alphas=alphas,
+                              k_max=k_max, distribution=distribution)
+        checked = []
+        seen: set = set()
+        for group in base.param_groups:
+            options = {k: group.get(k, v) for k, v in noise_defaults.items()}
+            pt.check_noise_options(options)
+            pt.check_params(group["params"], seen)
+            checked.append(options)
+        self._ready = False
+        # The base's group dicts themselves become this optimizer's groups.
+        torch.optim.Optimizer.__init__(self, base.param_groups, {**base.defaults, **noise_defaults})
+        for group, options in zip(self.param_groups, checked):
+            group.update(options)
+        self.state = base.state
+        self._init_perturbation(seed, backend)
+        with torch.no_grad():
+            for group in self.param_groups:
+                self._init_masters(group["params"])
+            self._noise_pass(restore=False, apply_offset=0)
+        self._perturbed = True
+        self._ready = True
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group to the base optimizer too (after construction)."""
+        if not getattr(self, "_ready", False):
+            super().add_param_group(param_group)
+            return
+        group = dict(param_group)
+        for name, default in self.defaults.items():
+            group.setdefault(name, default)
+        pt.check_noise_options(group)
+        self.base.add_param_group(group)
+        added = self.base.param_groups[-1]
+        self.param_groups.append(added)
+        with torch.no_grad():
+            self._init_masters(added["params"])
+            if self._perturbed and added["noise_scale"] != 0:
+                index = len(self.param_groups) - 1
+                for _, _, params in (b for b in self._buckets() if b[0] == index):
+                    self._launch(index, added, params, [None] * len(params), restore=False,
+                                 apply_offset=0)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
+        """Remove z_t, run ``base.step()``, write z_{t+1}. The closure runs first, perturbed."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self._perturbed:
+            self._sync_masters_with_params()
+        self.remove_perturbation()
+        self.base.step()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if pt.needs_master(p):
+                    self.state[p]["master"].copy_(p)
+        self._noise_pass(restore=False, apply_offset=1)
+        self._advance_noise_step()
+        self._perturbed = True
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        """The base optimizer's state (with masters) plus ``"mergopt": {"seed", "noise_step"}``."""
+        state = self.base.state_dict()
+        state["mergopt"] = self._mergopt_state()
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state saved by ``state_dict()`` (see ``FusedMergOptAdamW.load_state_dict``)."""
+        if "mergopt" not in state_dict:
+            raise ValueError("state_dict has no 'mergopt' entry: it was not saved by MergOpt")
+        self.remove_perturbation()
+        self.base.load_state_dict({k: v for k, v in state_dict.items() if k != "mergopt"})
+        self.param_groups = self.base.param_groups
+        self.state = self.base.state
+        for group in self.param_groups:
+            pt.check_noise_options(group)
+            for p in group["params"]:
+                if pt.needs_master(p) and "master" in self.state[p]:
+                    self.state[p]["master"] = self.state[p]["master"].float()
+            self._init_masters(group["params"])
+        self._load_mergopt_state(state_dict["mergopt"])
+        self._noise_pass(restore=False, apply_offset=0)
+        self._perturbed = True
