@@ -34,19 +34,30 @@ def _gaussian_pair(word_a, word_b, loc, scale):
 
 
 @triton.jit
-def element_noise(seed, param_id, step, first_group, loc, scale,
-                  BLOCK_G: tl.constexpr, GAUSSIAN: tl.constexpr):
-    """Noise of the 4 * BLOCK_G elements starting at global index 4 * first_group, fp32.
-
-    One Philox call per group of four consecutive elements; the four words are interleaved
-    back into element order.
-    """
+def group_words(seed, param_id, step, first_group, BLOCK_G: tl.constexpr):
+    """The four words of each of the BLOCK_G groups from ``first_group`` on (uint32 [BLOCK_G] x4)."""
     groups = first_group + tl.arange(0, BLOCK_G).to(tl.int64)
     c0 = (groups & 0xFFFFFFFF).to(tl.uint32)
     c1 = (groups >> 32).to(tl.uint32)
     c2 = tl.zeros([BLOCK_G], dtype=tl.uint32) + step.to(tl.uint32)
     c3 = tl.zeros([BLOCK_G], dtype=tl.uint32) + param_id.to(tl.uint32)
-    w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, c3)
+    return tl.philox(seed, c0, c1, c2, c3)
+
+
+@triton.jit
+def interleave4(x0, x1, x2, x3):
+    """[BLOCK] x4 -> [4 * BLOCK] in element order x0[0], x1[0], x2[0], x3[0], x0[1], ..."""
+    return tl.interleave(tl.interleave(x0, x2), tl.interleave(x1, x3))
+
+
+@triton.jit
+def element_noise(seed, param_id, step, first_group, loc, scale,
+                  BLOCK_G: tl.constexpr, GAUSSIAN: tl.constexpr):
+    """Noise of the 4 * BLOCK_G elements starting at global index 4 * first_group, fp32.
+
+    One Philox call per group of four consecutive elements.
+    """
+    w0, w1, w2, w3 = group_words(seed, param_id, step, first_group, BLOCK_G)
     if GAUSSIAN:
         z0, z1 = _gaussian_pair(w0, w1, loc, scale)
         z2, z3 = _gaussian_pair(w2, w3, loc, scale)
@@ -55,7 +66,7 @@ def element_noise(seed, param_id, step, first_group, loc, scale,
         z1 = _laplace(w1, loc, scale)
         z2 = _laplace(w2, loc, scale)
         z3 = _laplace(w3, loc, scale)
-    return tl.interleave(tl.interleave(z0, z2), tl.interleave(z1, z3))
+    return interleave4(z0, z1, z2, z3)
 
 
 @triton.jit

@@ -39,9 +39,12 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _groups_per_block() -> int:
-    # The interpreter pays per program, a GPU per register: big blocks there, 1024 elements here.
-    return 1 << 14 if interpreted() else 256
+def _groups_per_block(largest_numel: int) -> int:
+    """Four-element groups per program: 256 on a GPU (1024 elements, 4 warps). The interpreter
+    pays per program instead, so there a block is as large as the largest tensor (capped)."""
+    if not interpreted():
+        return 256
+    return min(1 << 14, max(16, triton.next_power_of_2((largest_numel + 3) // 4 + 1)))
 
 
 @triton.jit
@@ -203,7 +206,7 @@ def fused_step(params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Te
             steps[i].data_ptr() if grad is not None else 0,
             param.numel(), param_ids[i], index_bases[i], int(grad is not None),
         ))
-    groups_per_block = _groups_per_block()
+    groups_per_block = _groups_per_block(max(p.numel() for p in params))
     tables = _TABLES.setdefault(cache_key, _Tables()) if cache_key is not None else _Tables()
     tensor_table, block_table = tables.get(rows, groups_per_block, device)
     alphas = _device_alphas(alphas, device)
