@@ -1,0 +1,405 @@
+"""Tests of mergopt_kernels.merging: hand-checked cases, invariants, a brute-force TIES reference."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from mergopt_kernels import merging
+from mergopt_kernels.merging import dare, task_arithmetic, ties_merging, weight_average
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def t(*values, dtype=torch.float32):
+    return torch.tensor(values, dtype=dtype)
+
+
+def random_model(seed: int | None = None, dtype=torch.float32, shapes=((7, 5), (13,), (3, 1, 11))):
+    """A small model with odd-sized float tensors plus an integer counter and a bool buffer."""
+    gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+    model = {f"w{i}": torch.randn(shape, generator=gen).to(dtype) for i, shape in enumerate(shapes)}
+    model["steps"] = torch.tensor(11, dtype=torch.int64)
+    model["mask"] = torch.rand(4, generator=gen) > 0.5
+    return model
+
+
+def random_experts(base, count: int, scale: float = 0.1):
+    experts = []
+    for _ in range(count):
+        expert = {}
+        for key, value in base.items():
+            if value.is_floating_point():
+                noise = scale * torch.randn(value.shape)
+                expert[key] = (value.float() + noise).to(value.dtype)
+            elif value.dtype == torch.bool:
+                expert[key] = ~value
+            else:
+                expert[key] = value + 7
+        experts.append(expert)
+    return experts
+
+
+def float_keys(state):
+    return [key for key, value in state.items() if value.is_floating_point()]
+
+
+def assert_close(actual, expected, atol, rtol=0.0):
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+
+
+# ---------------------------------------------------------------------------------------------
+# Brute-force TIES on the concatenated model (the reference our streaming version must equal)
+# ---------------------------------------------------------------------------------------------
+
+def ties_reference(base, experts, scaling, density, per_tensor=False, taus=None):
+    keys = float_keys(base)
+    sizes = [base[key].numel() for key in keys]
+    if taus is None:
+        taus = [torch.stack([(e[key].double() - base[key].double()).float().reshape(-1) for e in experts])
+                for key in keys]
+    flat = torch.cat(taus, dim=1)                                           # [K, N], whole model
+    segments = [(0, flat.shape[1])] if not per_tensor else []
+    start = 0
+    for size in sizes:
+        if per_tensor:
+            segments.append((start, start + size))
+        start += size
+    trimmed = torch.zeros_like(flat)
+    for lo, hi in segments:
+        part = flat[:, lo:hi]
+        k = min(hi - lo, max(1, math.floor(density * (hi - lo) + 0.5)))
+        kth = part.abs().sort(dim=1, descending=True).values[:, k - 1:k]
+        trimmed[:, lo:hi] = torch.where(part.abs() >= kth, part, 0.0)
+    sign = torch.sign(trimmed.sum(0))
+    majority = 1.0 if (sign > 0).sum() >= (sign < 0).sum() else -1.0
+    sign[sign == 0] = majority
+    agree = torch.where(sign > 0, trimmed > 0, trimmed < 0)
+    merged = (trimmed * agree).double().sum(0) / agree.sum(0).clamp(min=1)
+    out, start = dict(base), 0
+    for key, size in zip(keys, sizes):
+        delta = merged[start:start + size].reshape(base[key].shape)
+        out[key] = (base[key].double() + scaling * delta).to(base[key].dtype)
+        start += size
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Hand-checked cases
+# ---------------------------------------------------------------------------------------------
+
+def test_weight_average_hand_case():
+    experts = [{"w": t(1.0, 2.0), "n": torch.tensor(3)}, {"w": t(3.0, -2.0), "n": torch.tensor(5)}]
+    out = weight_average(experts)
+    assert torch.equal(out["w"], t(2.0, 0.0))
+    assert torch.equal(out["n"], torch.tensor(3))
+
+
+def test_task_arithmetic_hand_case():
+    base = {"w": t(1.0, 2.0)}
+    experts = [{"w": t(2.0, 2.0)}, {"w": t(1.0, 4.0)}]
+    assert torch.equal(task_arithmetic(base, experts, scaling=0.5)["w"], t(1.5, 3.0))
+
+
+def test_ties_hand_case_sign_election_and_majority_tie():
+    # density 1 keeps everything. Columns: sums -1 (elect -), 0 (zero sum), 1 (elect +), 0 (zero sum).
+    # Elected signs over the model: one -, one + -> tie -> majority +1 for the zero-sum columns.
+    base = {"w": t(0.0, 0.0, 0.0, 0.0)}
+    experts = [{"w": t(1.0, -2.0, 3.0, 0.5)}, {"w": t(2.0, 1.0, -1.0, -0.5)}, {"w": t(-4.0, 1.0, -1.0, 0.0)}]
+    out = ties_merging(base, experts, scaling=1.0, density=1.0)
+    assert torch.equal(out["w"], t(-4.0, 1.0, 3.0, 0.5))
+
+
+def test_ties_hand_case_negative_majority():
+    # An extra tensor electing "-" makes the model's majority negative.
+    base = {"w": t(0.0, 0.0, 0.0, 0.0), "v": t(0.0)}
+    experts = [{"w": t(1.0, -2.0, 3.0, 0.5), "v": t(-1.0)}, {"w": t(2.0, 1.0, -1.0, -0.5), "v": t(-1.0)},
+               {"w": t(-4.0, 1.0, -1.0, 0.0), "v": t(-3.0)}]
+    out = ties_merging(base, experts, scaling=1.0, density=1.0)
+    assert torch.equal(out["w"], t(-4.0, -2.0, 3.0, -0.5))
+    assert torch.equal(out["v"], t(-5.0 / 3.0))
+
+
+def test_ties_hand_case_trim_with_ties_at_threshold():
+    base = {"w": t(0.0, 0.0, 0.0, 0.0, 0.0)}
+    out = ties_merging(base, [{"w": t(1.0, -5.0, 2.0, 0.1, 0.0)}], scaling=0.5, density=0.4)   # k = 2
+    assert torch.equal(out["w"], t(0.0, -2.5, 1.0, 0.0, 0.0))
+    out = ties_merging(base, [{"w": t(3.0, -3.0, 3.0, 1.0, 0.5)}], scaling=1.0, density=0.4)   # k = 2, 3-way tie
+    assert torch.equal(out["w"], t(3.0, -3.0, 3.0, 0.0, 0.0))
+
+
+def test_ties_hand_case_global_versus_per_tensor():
+    base = {"a": t(0.0, 0.0), "b": t(0.0, 0.0)}
+    experts = [{"a": t(10.0, 9.0), "b": t(1.0, 2.0)}]
+    glob = ties_merging(base, experts, scaling=1.0, density=0.5)
+    assert torch.equal(glob["a"], t(10.0, 9.0)) and torch.equal(glob["b"], t(0.0, 0.0))
+    local = ties_merging(base, experts, scaling=1.0, density=0.5, per_tensor=True)
+    assert torch.equal(local["a"], t(10.0, 0.0)) and torch.equal(local["b"], t(0.0, 2.0))
+
+
+def test_dare_masks_follow_documented_stream():
+    """Masks are torch.rand from Generator(seed), one [K, *shape] draw per key in the base's order."""
+    base = random_model(dtype=torch.float32)
+    experts = random_experts(base, 3)
+    p, seed, scaling = 0.3, 1234, 0.7
+    out = dare(base, experts, scaling, p, seed)
+    gen = torch.Generator().manual_seed(seed)
+    for key in float_keys(base):
+        tau = torch.stack([e[key] - base[key] for e in experts])
+        keep = torch.rand(tau.shape, generator=gen) >= p
+        expected = base[key] + (scaling * torch.where(keep, tau / (1 - p), 0.0)).sum(0)
+        assert torch.equal(out[key], expected)          # the same fp32 operations in the same order
+
+
+# ---------------------------------------------------------------------------------------------
+# Invariants
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_task_arithmetic_one_expert_scaling_one_returns_expert(dtype):
+    base = random_model(dtype=dtype)
+    (expert,) = random_experts(base, 1, scale=1.0)
+    out = task_arithmetic(base, [expert], scaling=1.0)
+    for key in float_keys(base):
+        # b + (e - b) in the compute dtype (fp32, fp64 for fp64): one rounding of e - b and one of the
+        # sum, each at most half an ulp of max(|b|, |e|), then the cast back to the entry's dtype.
+        compute_eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+        scale = torch.maximum(base[key].abs(), expert[key].abs()).double()
+        bound = compute_eps * scale + torch.finfo(dtype).eps / 2 * expert[key].double().abs()
+        assert out[key].dtype == dtype
+        assert ((out[key].double() - expert[key].double()).abs() <= bound).all()
+
+
+def test_ties_density_one_agreeing_signs_is_mean_of_task_vectors():
+    base = random_model(dtype=torch.float32)
+    signs = {key: torch.randint(0, 2, base[key].shape) * 2.0 - 1.0 for key in float_keys(base)}
+    experts = []
+    for _ in range(4):
+        expert = dict(base)
+        for key in float_keys(base):
+            expert[key] = base[key] + signs[key] * (torch.rand(base[key].shape) + 0.01)
+        experts.append(expert)
+    out = ties_merging(base, experts, scaling=0.37, density=1.0)
+    for key in float_keys(base):
+        taus = torch.stack([e[key].double() - base[key].double() for e in experts])
+        expected = base[key].double() + 0.37 * taus.mean(0)
+        assert_close(out[key].double(), expected, atol=8 * EPS32 * 4)
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+@pytest.mark.parametrize("density", [0.05, 0.2, 0.37, 0.5, 1.0])
+def test_ties_matches_brute_force_concatenation(density, per_tensor):
+    base = random_model(shapes=((17, 9), (1,), (31,), (2, 3, 5), (64,)))
+    experts = random_experts(base, 3, scale=0.05)
+    out = ties_merging(base, experts, scaling=0.3, density=density, per_tensor=per_tensor)
+    ref = ties_reference(base, experts, 0.3, density, per_tensor)
+    for key in base:
+        assert out[key].dtype == base[key].dtype
+        assert_close(out[key], ref[key], atol=8 * EPS32 * 4)
+
+
+def test_ties_global_threshold_with_mixed_precision_and_exact_ties():
+    """Quantised task vectors (many exact ties) and an fp64 entry next to fp32 ones."""
+    gen = torch.Generator().manual_seed(torch.seed())
+    base = {"a": torch.zeros(41), "b": torch.zeros(5, 7, dtype=torch.float64), "c": torch.zeros(3)}
+    experts = [{key: torch.randint(-4, 5, value.shape, generator=gen).to(value.dtype) / 8
+                for key, value in base.items()} for _ in range(3)]
+    for per_tensor in (False, True):
+        for density in (0.1, 0.3, 0.77):
+            out = ties_merging(base, experts, scaling=1.0, density=density, per_tensor=per_tensor)
+            ref = ties_reference(base, experts, 1.0, density, per_tensor)
+            for key in base:
+                assert out[key].dtype == base[key].dtype
+                assert_close(out[key], ref[key], atol=1e-6)
+
+
+def test_kth_largest_magnitude_matches_sort_on_a_larger_model():
+    tensors = [torch.randn(3, n) * torch.exp(torch.randn(3, 1) * 3) for n in (1, 7, 1000, 2777)]
+    flat = torch.cat(tensors, dim=1)
+    for k in (1, 2, 5, 1234, flat.shape[1]):
+        expected = flat.abs().sort(dim=1, descending=True).values[:, k - 1]
+        for dtype in (torch.float32, torch.float64):
+            got = merging._kth_largest_magnitude(lambda: iter(tensors), k, 3, dtype)
+            assert torch.equal(got, expected.to(dtype))
+
+
+def test_dare_drop_rate_zero_equals_task_arithmetic():
+    base = random_model()
+    experts = random_experts(base, 3)
+    for key, value in dare(base, experts, scaling=0.4, drop_rate=0.0, seed=5).items():
+        assert torch.equal(value, task_arithmetic(base, experts, scaling=0.4)[key])
+    assert_close(dare(base, experts, 0.4, 0.0, ties=True, density=0.3)["w0"],
+                 ties_merging(base, experts, 0.4, density=0.3)["w0"], atol=0.0)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.3, 0.9])
+def test_dare_rescales_kept_entries_exactly(p):
+    base = {"w": torch.zeros(20011)}
+    expert = {"w": torch.randn(20011)}
+    out = dare(base, [expert], scaling=1.0, drop_rate=p, seed=torch.seed() % 2**31)["w"]
+    kept = out != 0
+    # exactly the fp32 quotient by (1 - p); the factor rounded to fp32 and the quotient rounded give
+    # at most one ulp against the real-valued rescale
+    assert torch.equal(out[kept], expert["w"][kept] / (1 - p))
+    exact = expert["w"][kept].double() / (1 - p)
+    assert ((out[kept].double() - exact).abs() <= EPS32 * exact.abs()).all()
+    if p == 0.5:
+        assert torch.equal(out[kept], 2 * expert["w"][kept])
+    # drop fraction: binomial, 6 standard deviations
+    n = kept.numel()
+    assert abs((n - int(kept.sum())) / n - p) <= 6 * math.sqrt(p * (1 - p) / n)
+
+
+def test_dare_seed_determinism():
+    base = random_model()
+    experts = random_experts(base, 2)
+    a = dare(base, experts, drop_rate=0.5, seed=3)
+    b = dare(base, experts, drop_rate=0.5, seed=3)
+    c = dare(base, experts, drop_rate=0.5, seed=4)
+    assert all(torch.equal(a[key], b[key]) for key in base)
+    assert not all(torch.equal(a[key], c[key]) for key in float_keys(base))
+
+
+def test_dare_ties_is_ties_of_rescaled_vectors():
+    base = random_model(shapes=((9, 11), (23,)))
+    experts = random_experts(base, 3)
+    p, seed = 0.4, 77
+    gen = torch.Generator().manual_seed(seed)
+    taus = []
+    for key in float_keys(base):
+        tau = torch.stack([e[key] - base[key] for e in experts])
+        keep = torch.rand(tau.shape, generator=gen) >= p
+        taus.append(torch.where(keep, tau / (1 - p), 0.0).reshape(3, -1))
+    ref = ties_reference(base, experts, 0.3, 0.25, taus=taus)
+    out = dare(base, experts, 0.3, p, seed, ties=True, density=0.25)
+    for key in base:
+        assert_close(out[key], ref[key], atol=8 * EPS32 * 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_dtype_preserved_and_computed_in_fp32(dtype):
+    base = random_model(dtype=dtype)
+    experts = random_experts(base, 3)
+    up = lambda sd: {key: (v.float() if v.is_floating_point() else v) for key, v in sd.items()}  # noqa: E731
+    cases = [
+        (task_arithmetic(base, experts, 0.3), task_arithmetic(up(base), [up(e) for e in experts], 0.3)),
+        (weight_average(experts), weight_average([up(e) for e in experts])),
+        (ties_merging(base, experts, 0.3, 0.3), ties_merging(up(base), [up(e) for e in experts], 0.3, 0.3)),
+        (dare(base, experts, 0.3, 0.5, 9), dare(up(base), [up(e) for e in experts], 0.3, 0.5, 9)),
+    ]
+    for out, ref32 in cases:
+        for key in float_keys(base):
+            assert out[key].dtype == dtype
+            # the fp32 result rounded once to the low-precision dtype
+            assert torch.equal(out[key], ref32[key].to(dtype))
+
+
+def test_non_float_entries_come_from_the_base_and_are_copies():
+    base = random_model()
+    experts = random_experts(base, 2)
+    for out in (task_arithmetic(base, experts), ties_merging(base, experts), dare(base, experts),
+                dare(base, experts, ties=True)):
+        assert torch.equal(out["steps"], base["steps"]) and torch.equal(out["mask"], base["mask"])
+        assert out["steps"].data_ptr() != base["steps"].data_ptr()
+        assert list(out) == list(base)
+    averaged = weight_average(experts)
+    assert torch.equal(averaged["steps"], experts[0]["steps"]) and torch.equal(averaged["mask"], experts[0]["mask"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors and input immutability
+# ---------------------------------------------------------------------------------------------
+
+ALL_METHODS = {
+    "task_arithmetic": lambda b, e, **kw: task_arithmetic(b, e, **kw),
+    "ties_merging": lambda b, e, **kw: ties_merging(b, e, **kw),
+    "dare": lambda b, e, **kw: dare(b, e, **kw),
+    "weight_average": lambda b, e, **kw: weight_average(e, **kw),
+}
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_structural_errors(method):
+    call = ALL_METHODS[method]
+    base = random_model()
+    experts = random_experts(base, 2)
+    with pytest.raises(ValueError, match="experts is empty"):
+        call(base, [])
+    with pytest.raises(TypeError, match="experts must be a sequence"):
+        call(base, experts[0])
+    missing = dict(experts[1])
+    del missing["w1"]
+    with pytest.raises(ValueError, match=r"experts\[1\].*missing \['w1'\]"):
+        call(base, [experts[0], missing])
+    extra = dict(experts[1], extra=torch.zeros(1))
+    with pytest.raises(ValueError, match=r"experts\[1\].*unexpected \['extra'\]"):
+        call(base, [experts[0], extra])
+    reshaped = dict(experts[1], w0=experts[1]["w0"].reshape(5, 7))
+    with pytest.raises(ValueError, match=r"experts\[1\]\['w0'\] has shape \(5, 7\)"):
+        call(base, [experts[0], reshaped])
+    retyped = dict(experts[1], w0=experts[1]["w0"].double())
+    with pytest.raises(TypeError, match=r"experts\[1\]\['w0'\] has dtype torch.float64"):
+        call(base, [experts[0], retyped])
+    with pytest.raises(TypeError, match=r"experts\[1\] must be a state dict"):
+        call(base, [experts[0], [1, 2]])
+
+
+def test_base_mismatch_errors_name_the_base():
+    base = random_model()
+    experts = random_experts(base, 1)
+    with pytest.raises(ValueError, match=r"experts\[0\]\['w2'\] has shape .* base\['w2'\]"):
+        task_arithmetic(dict(base, w2=torch.zeros(3, 11)), experts)
+    with pytest.raises(TypeError, match="base must be a state dict"):
+        task_arithmetic([base], experts)
+
+
+@pytest.mark.parametrize("density", [0.0, -0.1, 1.5, float("nan")])
+def test_density_out_of_range(density):
+    base = random_model()
+    experts = random_experts(base, 2)
+    with pytest.raises(ValueError, match="density"):
+        ties_merging(base, experts, density=density)
+    with pytest.raises(ValueError, match="density"):
+        dare(base, experts, ties=True, density=density)
+
+
+@pytest.mark.parametrize("drop_rate", [1.0, -0.01, 2.0, float("inf")])
+def test_drop_rate_out_of_range(drop_rate):
+    base = random_model()
+    with pytest.raises(ValueError, match="drop_rate"):
+        dare(base, random_experts(base, 2), drop_rate=drop_rate)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties_merging", "dare"])
+@pytest.mark.parametrize("scaling", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_scaling(method, scaling):
+    base = random_model()
+    with pytest.raises(ValueError, match="scaling must be finite"):
+        ALL_METHODS[method](base, random_experts(base, 2), scaling=scaling)
+
+
+def test_argument_type_errors():
+    base = random_model()
+    experts = random_experts(base, 2)
+    with pytest.raises(TypeError, match="scaling must be a real number"):
+        task_arithmetic(base, experts, scaling="0.3")
+    with pytest.raises(TypeError, match="density must be a real number"):
+        ties_merging(base, experts, density=None)
+    with pytest.raises(TypeError, match="seed must be an integer"):
+        dare(base, experts, seed=0.5)
+
+
+def test_inputs_are_not_modified():
+    base = random_model()
+    experts = random_experts(base, 3)
+    saved_base, saved_experts = copy.deepcopy(base), copy.deepcopy(experts)
+    for method in ALL_METHODS.values():
+        method(base, experts)
+    dare(base, experts, ties=True)
+    ties_merging(base, experts, per_tensor=True)
+    for before, after in zip([saved_base, *saved_experts], [base, *experts]):
+        assert list(before) == list(after)
+        assert all(torch.equal(before[key], after[key]) for key in before)
