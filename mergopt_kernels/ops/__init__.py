@@ -33,5 +33,5 @@ def fused_step(backend: str, **kwargs) -> None:
         triton_step.fused_step(**kwargs)
     else:
         from . import torch_step
-        kwargs.pop("cache_key", None)
+        kwargs.pop("cache", None)
         torch_step.fused_step(**kwargs)

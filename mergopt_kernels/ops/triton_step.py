@@ -165,7 +165,6 @@ class _Tables:
         return self.tensor_table, self.block_table
 
 
-_TABLES: dict = {}
 _ALPHAS: dict = {}
 
 
@@ -183,11 +182,12 @@ def fused_step(params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Te
                seed: int, noise_step: torch.Tensor, lr, beta1: float, beta2: float,
                eps: float, weight_decay: float, amsgrad: bool, maximize: bool, noise_loc: float,
                noise_scale: float, alphas: Sequence[float], k_max: int, distribution: str,
-               restore: bool, apply_offset: int, cache_key=None) -> None:
+               restore: bool, apply_offset: int, cache: Optional[dict] = None) -> None:
     """Launch the fused step over contiguous same-device, same-dtype tensors (in place).
 
     Same arguments and semantics as ``ops.torch_step.fused_step``, except: ``lr`` may be a
-    float or a 1-element tensor on the device, and ``cache_key`` (any hashable) lets the caller keep the address tables between steps.
+    float or a 1-element tensor on the device, and ``cache`` (a dict the caller keeps per
+    bucket) holds the address tables between steps.
     Grads must be contiguous and of the parameters' dtype.
     """
     if not params:
@@ -207,7 +207,7 @@ def fused_step(params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Te
             param.numel(), param_ids[i], index_bases[i], int(grad is not None),
         ))
     groups_per_block = _groups_per_block(max(p.numel() for p in params))
-    tables = _TABLES.setdefault(cache_key, _Tables()) if cache_key is not None else _Tables()
+    tables = cache.setdefault("tables", _Tables()) if cache is not None else _Tables()
     tensor_table, block_table = tables.get(rows, groups_per_block, device)
     alphas = _device_alphas(alphas, device)
     lr_is_tensor = isinstance(lr, torch.Tensor)

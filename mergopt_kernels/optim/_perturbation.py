@@ -96,14 +96,16 @@ class PerturbationMixin:
         self._noise_steps: dict[torch.device, torch.Tensor] = {}
         self._noise_step_start = 1
         self._perturbed = False
+        self._launch_caches: dict = {}
 
-    # The parameters' identities in the noise stream: positions in the optimizer's list.
     def _param_ids(self) -> dict:
-        ids = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                ids.setdefault(p, len(ids))
-        return ids
+        """The parameters' identities in the noise stream: positions in the optimizer's list."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        cached = getattr(self, "_param_id_cache", None)
+        if cached is None or len(cached) != len(params):
+            cached = {p: i for i, p in enumerate(params)}
+            self._param_id_cache = cached
+        return cached
 
     def _noise_step(self, device: torch.device) -> torch.Tensor:
         if device not in self._noise_steps:
@@ -141,7 +143,8 @@ class PerturbationMixin:
             seed=self._seed, noise_step=self._noise_step(device), noise_loc=group["noise_loc"],
             noise_scale=float(group["noise_scale"]), alphas=group["alphas"], k_max=group["k_max"],
             distribution=group["distribution"], restore=restore, apply_offset=apply_offset,
-            cache_key=(id(self), index, device, params[0].dtype, bool(adam["steps"])), **adam)
+            cache=self._launch_caches.setdefault((index, device, params[0].dtype, bool(adam["steps"])), {}),
+            **adam)
 
     def _noise_pass(self, *, restore: bool, apply_offset: int) -> None:
         """Restore and/or write the perturbation of every noisy parameter, without updating."""
