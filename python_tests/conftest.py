@@ -29,3 +29,15 @@ def device_backend(request):
 def fresh_seed():
     """A fresh 64-bit seed per test run (printed on failure through the test's repr)."""
     return int.from_bytes(os.urandom(8), "little")
+
+
+@pytest.fixture
+def shifted_seed():
+    """A fresh seed whose first step scale s_1 = K alpha - 1 is not zero (K alpha = 1 happens
+    for about one seed in twenty), for tests that need the first perturbation to be visible."""
+    from mergopt_kernels import noise
+
+    while True:
+        seed = int.from_bytes(os.urandom(8), "little")
+        if noise.step_scale(seed, 1, (0.1, 0.2, 0.3, 0.4, 0.5, 0.6), 7) != 0.0:
+            return seed

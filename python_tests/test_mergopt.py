@@ -7,7 +7,7 @@ import torch
 from mergopt_kernels import FusedMergOptAdamW, MergOpt
 from mergopt_kernels.reference import ReferenceMergOpt
 
-from test_fused_adamw import EPS32, SHAPES, make_params, set_grads, within_twice_fp32_error
+from test_fused_adamw import EPS32, SHAPES, check_against_reference, make_params, set_grads
 
 
 def sgd(params, lr=0.05):
@@ -22,16 +22,7 @@ def test_sgd_base_matches_paper_reference(device_backend, fresh_seed):
     ref64 = [torch.nn.Parameter(p.detach().double().cpu()) for p in ours]
     opt = MergOpt(sgd(ours), backend=backend, **options)
     refs = [ReferenceMergOpt(r, base=sgd(r), **options) for r in (ref32, ref64)]
-    steps = 15
-    for _ in range(steps):
-        set_grads(ours)
-        opt.step()
-        for ref, params in zip(refs, (ref32, ref64)):
-            ref.perturb()
-            set_grads(params)
-            ref.step()
-    with opt.clean_weights():
-        within_twice_fp32_error(ours, ref32, ref64, steps)
+    check_against_reference(opt, ours, refs, ref32, ref64, steps=15)
 
 
 def test_scheduler_on_the_wrapper_drives_the_base():

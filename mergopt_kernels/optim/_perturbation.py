@@ -146,6 +146,13 @@ class PerturbationMixin:
             cache=self._launch_caches.setdefault((index, device, params[0].dtype, bool(adam["steps"])), {}),
             **adam)
 
+    def _perturb_group(self, index: int) -> None:
+        """Write the current perturbation into group ``index`` (a group added while perturbed)."""
+        group = self.param_groups[index]
+        if self._perturbed and group["noise_scale"] != 0:
+            for _, _, params in (b for b in self._buckets() if b[0] == index):
+                self._launch(index, group, params, [None] * len(params), restore=False, apply_offset=0)
+
     def _noise_pass(self, *, restore: bool, apply_offset: int) -> None:
         """Restore and/or write the perturbation of every noisy parameter, without updating."""
         for index, group, params in self._buckets():

@@ -70,11 +70,7 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
         if self._ready:
             with torch.no_grad():
                 self._init_state(group["params"])
-                if self._perturbed and group["noise_scale"] != 0:
-                    index = len(self.param_groups) - 1
-                    for _, _, params in (b for b in self._buckets() if b[0] == index):
-                        self._launch(index, group, params, [None] * len(params), restore=False,
-                                     apply_offset=0)
+                self._perturb_group(len(self.param_groups) - 1)
 
     def _init_state(self, params: list) -> None:
         amsgrad_params = {p for g in self.param_groups if g["amsgrad"] for p in g["params"]}

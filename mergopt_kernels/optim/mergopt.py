@@ -69,11 +69,7 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
         self.param_groups.append(added)
         with torch.no_grad():
             self._init_masters(added["params"])
-            if self._perturbed and added["noise_scale"] != 0:
-                index = len(self.param_groups) - 1
-                for _, _, params in (b for b in self._buckets() if b[0] == index):
-                    self._launch(index, added, params, [None] * len(params), restore=False,
-                                 apply_offset=0)
+            self._perturb_group(len(self.param_groups) - 1)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):

@@ -1,0 +1,24 @@
+# The two set-up commands of README.md: `make demo` (the main job) and `make test` (every test).
+# Both create .venv with the pinned requirements and build the native library in place.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.mergopt-installed
+
+.PHONY: setup demo test native-test
+
+$(STAMP): requirements.txt setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+setup: $(STAMP)
+
+demo: setup
+	$(PY) -m mergopt_kernels demo
+
+test: setup
+	$(PY) -m pytest python_tests bench -q
+	bash .ci/native.sh
