@@ -1,4 +1,5 @@
-"""pytest options of the benchmarks: ``--bench-mode smoke|cpu|gpu`` (sets ``BENCH_MODE``)."""
+"""pytest options of the benchmarks: ``--bench-mode smoke|cpu|gpu`` (sets ``BENCH_MODE``);
+``BENCH_THREADS`` sets torch's CPU thread count for the run."""
 
 import os
 
@@ -12,6 +13,9 @@ def pytest_configure(config):
     chosen = config.getoption("--bench-mode")
     if chosen is not None:
         os.environ["BENCH_MODE"] = chosen
+    if os.environ.get("BENCH_THREADS"):
+        import torch
+        torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
@@ -28,7 +32,7 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     except ImportError:
         info["triton"] = None
     if hasattr(os, "getloadavg"):
-        info["loadavg_start"] = os.getloadavg()
+        info["loadavg"] = os.getloadavg()
     from bench import common
     device = common.mode().device
     if device.startswith("cuda") and torch.cuda.is_available():
@@ -48,3 +52,18 @@ def _cpu_model():
     except OSError:
         pass
     return None
+
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _free_device_memory():
+    """Give each benchmark the device memory of the last one back (1B-parameter rows)."""
+    yield
+    import gc
+
+    import torch
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

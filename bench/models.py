@@ -66,12 +66,13 @@ def num_params(shapes) -> int:
 
 def make_params(shapes, device, dtype=torch.float32, seed: int = 0) -> list[nn.Parameter]:
     """Parameters of the given shapes with gradients already set (GPT-2-like init scales)."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     params = []
     for shape in shapes:
-        value = torch.randn(shape, generator=gen) * 0.02 if len(shape) > 1 else torch.zeros(shape)
-        p = nn.Parameter(value.to(device=device, dtype=dtype))
-        p.grad = (torch.randn(shape, generator=gen) * 1e-3).to(device=device, dtype=dtype)
+        value = torch.randn(shape, generator=gen, device=device) * 0.02 if len(shape) > 1 else \
+            torch.zeros(shape, device=device)
+        p = nn.Parameter(value.to(dtype))
+        p.grad = (torch.randn(shape, generator=gen, device=device) * 1e-3).to(dtype)
         params.append(p)
     return params
 
@@ -122,6 +123,6 @@ class GPT(nn.Module):
 
 def make_batch(cfg: GPTConfig, batch: int, seq_len: int, device, seed: int = 0):
     """Random token ids and next-token targets, [batch, seq_len] int64."""
-    gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, cfg.vocab, (batch, seq_len + 1), generator=gen).to(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    tokens = torch.randint(0, cfg.vocab, (batch, seq_len + 1), generator=gen, device=device)
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()

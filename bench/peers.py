@@ -166,6 +166,9 @@ def fused_backends(device: torch.device) -> dict[str, Optional[str]]:
             available[backend] = None
         except (ValueError, ImportError, RuntimeError) as error:
             available[backend] = str(error)
+        if backend == "torch" and device.type != "cpu":
+            # ops/torch_step.py draws the noise as CPU tensors: it is the CPU path only.
+            available[backend] = "the torch backend generates its noise on the host (CPU path)"
     return available
 
 

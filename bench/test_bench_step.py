@@ -30,8 +30,8 @@ def test_copy_bandwidth(benchmark):
     device = device_or_skip()
     src = torch.empty(MODE.copy_mib * 2**18, device=device).uniform_()
     dst = torch.empty_like(src)
-    common.run_timed(benchmark, lambda: dst.copy_(src), device, slow=False, numel=src.numel())
     benchmark.group = "copy"
+    common.run_timed(benchmark, lambda: dst.copy_(src), device, slow=False, numel=src.numel())
     benchmark.extra_info.update(mode=MODE.name, device=str(device), kind="copy",
                                 copy_bytes=2 * src.numel() * 4,
                                 copy_gbps=common.copy_bandwidth(device, MODE.copy_mib))
@@ -53,8 +53,8 @@ def test_step(benchmark, name, size):
     common.peak_memory_start(device)
     params = models.make_params(shapes, device)
     opt = build(params, device)
-    common.run_timed(benchmark, opt.step, device, slow=slow, numel=numel)
     benchmark.group = f"step {size}"
+    common.run_timed(benchmark, opt.step, device, slow=slow, numel=numel)
     memory, kind = memory_used(device, opt)
     common.record(benchmark, device=device, numel=numel, n_tensors=len(shapes), memory_bytes=memory,
                   memory_kind=kind, kind="step", row=name, size=size, dtype="float32")
