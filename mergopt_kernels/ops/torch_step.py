@@ -65,9 +65,9 @@ def fused_step(params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Te
     apply_step = t + apply_offset
     scale_next = noise.step_scale(seed, apply_step, alphas, k_max) if noisy and apply_offset >= 0 else 0.0
 
-    def delta(param_id, step, scale, start, count):
+    def delta(param_id, step, scale, start, count, device):
         return scale * noise.element_noise(seed, param_id, step, start, count, noise_loc,
-                                           noise_scale, distribution)
+                                           noise_scale, distribution).to(device)
 
     for i, param in enumerate(params):
         flat_param = param.view(-1)
@@ -83,7 +83,7 @@ def fused_step(params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Te
             else:
                 theta = flat_param[start:stop].float()
                 if noisy and restore:
-                    theta -= delta(param_ids[i], t, scale_now, global_start, stop - start)
+                    theta -= delta(param_ids[i], t, scale_now, global_start, stop - start, param.device)
             if flat_grad is not None:
                 _adamw_chunk(theta, flat_grad[start:stop].float(), exp_avgs[i].view(-1)[start:stop],
                              exp_avg_sqs[i].view(-1)[start:stop],
@@ -92,5 +92,5 @@ def fused_step(params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Te
             if flat_master is not None:
                 flat_master[start:stop] = theta
             if noisy and apply_offset >= 0:
-                theta += delta(param_ids[i], apply_step, scale_next, global_start, stop - start)
+                theta += delta(param_ids[i], apply_step, scale_next, global_start, stop - start, param.device)
             flat_param[start:stop] = theta
