@@ -29,7 +29,7 @@ MERGOPT_HOST_DEVICE MERGOPT_INLINE AdamWScalars adamw_scalars(double lr, double 
   s.lerp_weight = static_cast<float>(1.0 - beta1);
   s.beta2 = static_cast<float>(beta2);
   s.one_minus_beta2 = static_cast<float>(1.0 - beta2);
-  s.bias2_sqrt = static_cast<float>(::sqrt(bias2));
+  s.bias2_sqrt = static_cast<float>(::pow(bias2, 0.5));  // Python: bias2 ** 0.5
   s.eps = static_cast<float>(eps);
   s.neg_step_size = static_cast<float>(-(lr / bias1));
   return s;
