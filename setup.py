@@ -48,7 +48,7 @@ def _native_extensions():
         _warn("no C++ compiler found: not building the native library")
         return [], {}
 
-    sources = [f"{CSRC}/cpu/fused_step.cpp"]
+    sources = [f"{CSRC}/cpu/fused_step.cpp", f"{CSRC}/cpu/noise_ops.cpp"]
     include_dirs = [str(ROOT / CSRC / "include"), str(ROOT / CSRC / "cpu")]
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and \
         os.environ.get("MERGOPT_NO_CUDA", "0") in ("", "0")
