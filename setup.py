@@ -49,7 +49,7 @@ def _native_extensions():
         return [], {}
 
     sources = [f"{CSRC}/cpu/fused_step.cpp", f"{CSRC}/cpu/noise_ops.cpp"]
-    include_dirs = [str(ROOT / CSRC / "include"), str(ROOT / CSRC / "cpu")]
+    include_dirs = [str(ROOT / CSRC / "include"), str(ROOT / CSRC), str(ROOT / CSRC / "cpu"), str(ROOT / CSRC / "cuda")]
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and \
         os.environ.get("MERGOPT_NO_CUDA", "0") in ("", "0")
     if with_cuda:

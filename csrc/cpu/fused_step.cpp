@@ -11,6 +11,7 @@
 #include <string>
 
 #include "fused_step_common.h"
+#include "torch_common/fused_step_args.h"
 
 #define MERGOPT_CPU_NS generic
 #include "fused_step_impl.h"
@@ -29,8 +30,6 @@
 namespace mergopt_cpu {
 namespace {
 
-constexpr int64_t kMaxParamId = 0xFFFFFFFFll;  // kScaleStream is reserved
-
 bool use_avx2() {
 #ifdef MERGOPT_HAVE_AVX2_PATH
   static const bool supported = __builtin_cpu_supports("avx2");
@@ -41,22 +40,9 @@ bool use_avx2() {
 }
 
 Kind kind_of(at::ScalarType param) {
-  switch (param) {
-    case at::kFloat: return Kind::kFloat;
-    case at::kBFloat16: return Kind::kBFloat16;
-    case at::kHalf: return Kind::kHalf;
-    default: TORCH_CHECK(false, "fused_step: unsupported parameter dtype ", param);
-  }
-}
-
-void check_same(const at::Tensor& t, const at::Tensor& param, at::ScalarType dtype, const char* what, size_t i) {
-  TORCH_CHECK(t.device() == param.device(), "fused_step: ", what, "[", i, "] is on ", t.device(), ", params[", i,
-              "] on ", param.device());
-  TORCH_CHECK(t.scalar_type() == dtype, "fused_step: ", what, "[", i, "] has dtype ", t.scalar_type(),
-              ", expected ", dtype);
-  TORCH_CHECK(t.numel() == param.numel(), "fused_step: ", what, "[", i, "] has ", t.numel(), " elements, params[",
-              i, "] ", param.numel());
-  TORCH_CHECK(t.is_contiguous(), "fused_step: ", what, "[", i, "] must be contiguous");
+  if (param == at::kBFloat16) return Kind::kBFloat16;
+  if (param == at::kHalf) return Kind::kHalf;
+  return Kind::kFloat;
 }
 
 }  // namespace
@@ -69,26 +55,10 @@ void fused_step_cpu(at::TensorList params, const c10::List<std::optional<at::Ten
                     double noise_loc, double noise_scale, at::ArrayRef<double> alphas, int64_t k_max,
                     c10::string_view distribution, bool restore, int64_t apply_offset) {
   const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && steps.size() == n &&
-                  param_ids.size() == n && index_bases.size() == n,
-              "fused_step: params, grads, exp_avgs, exp_avg_sqs, steps, param_ids and index_bases must have the "
-              "same length");
-  TORCH_CHECK(max_exp_avg_sqs.size() == (amsgrad ? n : 0), "fused_step: max_exp_avg_sqs must have ",
-              amsgrad ? n : 0, " tensors");
-  TORCH_CHECK(masters.empty() || masters.size() == n, "fused_step: masters must be empty or match params");
-  TORCH_CHECK(noise_step.numel() == 1 && noise_step.scalar_type() == at::kLong,
-              "fused_step: noise_step must be a 1-element int64 tensor");
-  TORCH_CHECK(!alphas.empty() && alphas.size() < (1ull << 32), "fused_step: alphas must be non-empty");
-  TORCH_CHECK(k_max >= 1 && k_max <= kMaxParamId, "fused_step: k_max must be in [1, 2**32)");
-  mergopt::Distribution dist;
-  if (distribution == "laplace") {
-    dist = mergopt::Distribution::kLaplace;
-  } else if (distribution == "gaussian") {
-    dist = mergopt::Distribution::kGaussian;
-  } else {
-    TORCH_CHECK(false, "fused_step: distribution must be 'laplace' or 'gaussian', got '", std::string(distribution),
-                "'");
-  }
+  const std::vector<std::optional<at::Tensor>> grad_of = mergopt_torch::check_fused_step_args(
+      params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps, param_ids, index_bases, noise_step,
+      amsgrad, alphas, k_max);
+  const mergopt::Distribution dist = mergopt_torch::parse_distribution(distribution);
   if (n == 0) return;
 
   StepArgs args;
@@ -114,47 +84,29 @@ void fused_step_cpu(at::TensorList params, const c10::List<std::optional<at::Ten
                                            static_cast<uint32_t>(k_max));
   }
 
-  const at::ScalarType param_dtype = params[0].scalar_type();
+  TORCH_CHECK(params[0].device().is_cpu(), "fused_step (CPU): params are on ", params[0].device());
+  const Kind kind = kind_of(params[0].scalar_type());
   std::vector<TensorArgs> tensors(n);
   std::vector<WorkItem> items;
   for (size_t i = 0; i < n; ++i) {
-    const at::Tensor& p = params[i];
-    TORCH_CHECK(p.device().is_cpu(), "fused_step (CPU): params[", i, "] is on ", p.device());
-    TORCH_CHECK(p.scalar_type() == param_dtype, "fused_step: all params must share one dtype");
-    TORCH_CHECK(p.is_contiguous(), "fused_step: params[", i, "] must be contiguous");
-    TORCH_CHECK(param_ids[i] >= 0 && param_ids[i] < kMaxParamId, "fused_step: param_ids[", i, "] out of range");
-    TORCH_CHECK(index_bases[i] >= 0, "fused_step: index_bases[", i, "] must be >= 0");
     TensorArgs& a = tensors[i];
-    const std::optional<at::Tensor> g = grads[i];
-    const bool has_grad = g.has_value() && g->defined();
-    a.kind = kind_of(param_dtype);
-    a.param = p.data_ptr();
+    a.kind = kind;
+    a.param = params[i].data_ptr();
     a.grad = nullptr;
     a.exp_avg = a.exp_avg_sq = a.max_exp_avg_sq = nullptr;
-    a.master = nullptr;
-    a.numel = p.numel();
+    a.master = masters.empty() ? nullptr : masters[i].data_ptr<float>();
+    a.numel = params[i].numel();
     a.base = index_bases[i];
     a.param_id = static_cast<uint32_t>(param_ids[i]);
-    if (!masters.empty()) {
-      check_same(masters[i], p, at::kFloat, "masters", i);
-      a.master = masters[i].data_ptr<float>();
-    }
-    if (has_grad) {
-      check_same(*g, p, param_dtype, "grads", i);
-      check_same(exp_avgs[i], p, at::kFloat, "exp_avgs", i);
-      check_same(exp_avg_sqs[i], p, at::kFloat, "exp_avg_sqs", i);
-      a.grad = g->data_ptr();
+    double step = 1.0;
+    if (grad_of[i].has_value()) {
+      a.grad = grad_of[i]->data_ptr();
       a.exp_avg = exp_avgs[i].data_ptr<float>();
       a.exp_avg_sq = exp_avg_sqs[i].data_ptr<float>();
-      if (amsgrad) {
-        check_same(max_exp_avg_sqs[i], p, at::kFloat, "max_exp_avg_sqs", i);
-        a.max_exp_avg_sq = max_exp_avg_sqs[i].data_ptr<float>();
-      }
-      TORCH_CHECK(steps[i].numel() == 1, "fused_step: steps[", i, "] must have one element");
-      a.scalars = mergopt::adamw_scalars(lr, beta1, beta2, eps, weight_decay, steps[i].item<double>());
-    } else {
-      a.scalars = mergopt::adamw_scalars(lr, beta1, beta2, eps, weight_decay, 1.0);
+      a.max_exp_avg_sq = amsgrad ? max_exp_avg_sqs[i].data_ptr<float>() : nullptr;
+      step = steps[i].item<double>();
     }
+    a.scalars = mergopt::adamw_scalars(lr, beta1, beta2, eps, weight_decay, step);
     if (a.numel == 0) continue;
     const int64_t g_first = a.base >> 2;
     const int64_t g_end = ((a.base + a.numel - 1) >> 2) + 1;
