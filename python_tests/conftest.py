@@ -13,9 +13,15 @@ import pytest  # noqa: E402
 
 
 def _cases():
+    from mergopt_kernels.ops import native
+
     cases = [("cpu", "torch"), ("cpu", "triton")]
+    if native.available("cpu"):
+        cases.append(("cpu", "native"))
     if torch.cuda.is_available():
         cases.append(("cuda", "triton"))
+        if native.available("cuda"):
+            cases.append(("cuda", "native"))
     return cases
 
 

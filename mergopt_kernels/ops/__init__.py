@@ -1,37 +1,59 @@
-"""Kernels and their launchers. ``fused_step`` dispatches one bucket of tensors to a backend."""
+"""Kernels and their launchers. ``fused_step`` dispatches one bucket of tensors to a backend.
+
+Backends, all computing ``ops.torch_step.fused_step``'s semantics on the same noise stream:
+- ``"triton"``: the multi-tensor Triton kernel (GPUs; CPU tensors under TRITON_INTERPRET=1),
+- ``"native"``: the C++ op of csrc/ (CPU, and CUDA where it was built with CUDA),
+- ``"cuda"``: the native op, for CUDA tensors only,
+- ``"torch"``: torch tensor ops (any device; slow: the reference implementation of the step),
+- ``"auto"``: Triton on GPUs; on the CPU the native op when it is built, else torch.
+"""
 
 from __future__ import annotations
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "native", "cuda", "torch")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that runs tensors on ``device``: "triton" on GPUs, "torch" on the CPU.
+    """The backend ("triton", "native" or "torch") that runs tensors on ``device``.
 
     Raises:
-        ValueError: ``backend`` is unknown, or "triton" was asked for CPU tensors while Triton
-            is not running through its interpreter (TRITON_INTERPRET=1).
+        ValueError: ``backend`` is unknown or cannot run tensors on ``device`` here.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "torch" if device.type == "cpu" else "triton"
+        if device.type != "cpu":
+            return "triton"
+        from . import native
+        return "native" if native.available("cpu") else "torch"
     if backend == "triton" and device.type == "cpu":
         from . import triton_step
         if not triton_step.interpreted():
             raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 "
-                             "(Triton's interpreter); use backend='auto' or 'torch'")
+                             "(Triton's interpreter); use backend='auto', 'native' or 'torch'")
+    if backend in ("native", "cuda"):
+        if backend == "cuda" and device.type != "cuda":
+            raise ValueError(f"backend='cuda' runs CUDA tensors only, got tensors on {device}")
+        from . import native
+        if not native.available(device.type):
+            raise ValueError(f"backend={backend!r}: the native op for {device.type} tensors is not "
+                             "built (python setup.py build_ext --inplace)")
+        return "native"
     return backend
 
 
 def fused_step(backend: str, **kwargs) -> None:
-    """Run the fused step of ``ops.torch_step.fused_step`` on the named backend."""
+    """Run the fused step of ``ops.torch_step.fused_step`` on a resolved backend."""
     if backend == "triton":
         from . import triton_step
         triton_step.fused_step(**kwargs)
+        return
+    kwargs.pop("cache", None)
+    if backend == "native":
+        from . import native
+        native.fused_step(**kwargs)
     else:
         from . import torch_step
-        kwargs.pop("cache", None)
         torch_step.fused_step(**kwargs)

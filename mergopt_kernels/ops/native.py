@@ -77,7 +77,6 @@ def fused_step(**kwargs) -> None:
     """
     if not _load()["loaded"]:
         raise RuntimeError("mergopt_kernels native library is not available")
-    kwargs.pop("cache_key", None)
     kwargs["seed"] = seed_as_int64(kwargs["seed"])
     kwargs["lr"] = float(kwargs["lr"])
     kwargs["grads"] = list(kwargs["grads"])

@@ -134,16 +134,19 @@ class PerturbationMixin:
         device = params[0].device
         ids = self._param_ids()
         masters = [self.state[p]["master"] for p in params] if needs_master(params[0]) else []
-        adam = adam or dict(exp_avgs=[], exp_avg_sqs=[], max_exp_avg_sqs=[], steps=[], lr=0.0,
-                            beta1=0.0, beta2=0.0, eps=0.0, weight_decay=0.0, amsgrad=False,
-                            maximize=False)
+        noise_only = adam is None
+        if noise_only:  # no moment is read: placeholders fill the lists
+            placeholders = [torch.empty(0, device=device)] * len(params)
+            adam = dict(exp_avgs=placeholders, exp_avg_sqs=placeholders, max_exp_avg_sqs=[],
+                        steps=placeholders, lr=0.0, beta1=0.0, beta2=0.0, eps=0.0,
+                        weight_decay=0.0, amsgrad=False, maximize=False)
         ops.fused_step(
             ops.resolve_backend(self._backend, device), params=params, grads=grads,
             masters=masters, param_ids=[ids[p] for p in params], index_bases=[0] * len(params),
             seed=self._seed, noise_step=self._noise_step(device), noise_loc=group["noise_loc"],
             noise_scale=float(group["noise_scale"]), alphas=group["alphas"], k_max=group["k_max"],
             distribution=group["distribution"], restore=restore, apply_offset=apply_offset,
-            cache=self._launch_caches.setdefault((index, device, params[0].dtype, bool(adam["steps"])), {}),
+            cache=self._launch_caches.setdefault((index, device, params[0].dtype, noise_only), {}),
             **adam)
 
     def _perturb_group(self, index: int) -> None:
