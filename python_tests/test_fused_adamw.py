@@ -242,8 +242,9 @@ def test_same_seed_same_run_in_another_process(fresh_seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_resume_from_clean_weights_and_state_dict(dtype, fresh_seed, tmp_path):
-    params, opt = _run(fresh_seed, dtype=dtype, steps=5)
+def test_resume_from_clean_weights_and_state_dict(device_backend, dtype, fresh_seed, tmp_path):
+    _, backend = device_backend
+    params, opt = _run(fresh_seed, backend=backend, dtype=dtype, steps=5)
     with opt.clean_weights():
         torch.save({"model": [p.detach().clone() for p in params], "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
     for _ in range(5):
@@ -255,7 +256,7 @@ def test_resume_from_clean_weights_and_state_dict(dtype, fresh_seed, tmp_path):
 
     checkpoint = torch.load(tmp_path / "ckpt.pt")
     resumed = [torch.nn.Parameter(w.clone()) for w in checkpoint["model"]]
-    new_opt = FusedMergOptAdamW(resumed, lr=1e-2, noise_scale=1e-2, seed=0)
+    new_opt = FusedMergOptAdamW(resumed, lr=1e-2, noise_scale=1e-2, seed=0, backend=backend)
     new_opt.load_state_dict(checkpoint["opt"])
     assert new_opt.seed == fresh_seed and new_opt.noise_step() == 6
     assert all(new_opt.state[p]["exp_avg"].dtype == torch.float32 for p in resumed)
