@@ -275,6 +275,19 @@ def test_resume_from_clean_weights_and_state_dict(device_backend, dtype, fresh_s
         assert all(torch.equal(a, b) for a, b in zip(restart, uninterrupted))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_params_hold_their_master_rounded_to_nearest(device_backend, dtype, fresh_seed):
+    """Without noise the parameter is its fp32 master rounded to nearest even, as torch rounds."""
+    device, backend = device_backend
+    params = make_params(SHAPES, device=device, dtype=dtype)
+    opt = FusedMergOptAdamW(params, lr=1e-2, noise_scale=0.0, seed=fresh_seed, backend=backend)
+    for _ in range(3):
+        set_grads(params)
+        opt.step()
+    for p in params:
+        assert torch.equal(p.detach(), opt.state[p]["master"].to(dtype))
+
+
 def test_bf16_masters_do_not_drift(fresh_seed):
     """With the same gradients, bf16 parameters with fp32 masters follow the fp32 run, while
     restoring by subtraction in bf16 would drift by about an ulp of bf16 per step."""

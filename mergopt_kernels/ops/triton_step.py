@@ -57,6 +57,16 @@ def _power(base, exponent):
     return result
 
 
+@triton.jit
+def _round_to_bf16_nearest_even(x):
+    """fp32 values rounded to the nearest bf16 (ties to even), still as fp32; NaN unchanged.
+    Triton's interpreter casts fp32 to bf16 by truncation, a GPU by rounding to nearest even:
+    rounding first makes the cast exact, so both give the bf16 value torch gives."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return tl.where(x != x, x, rounded.to(tl.float32, bitcast=True))
+
+
 @triton.jit(do_not_specialize=["seed", "lr", "beta1", "beta2", "eps", "weight_decay",
                                "noise_loc", "noise_scale", "n_alphas", "k_max"])
 def _fused_step_kernel(
@@ -68,7 +78,7 @@ def _fused_step_kernel(
     PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr, NOISY: tl.constexpr, RESTORE: tl.constexpr,
     APPLY_OFFSET: tl.constexpr, GAUSSIAN: tl.constexpr, LR_IS_TENSOR: tl.constexpr,
-    BLOCK_G: tl.constexpr,
+    ROUND_BF16_FIRST: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
     block = tl.program_id(0).to(tl.int64)
     tensor = tl.load(block_table_ptr + 2 * block)
@@ -140,6 +150,8 @@ def _fused_step_kernel(
         scale_next = triton_noise.step_scale(seed, apply_step, alphas_ptr, n_alphas, k_max)
         theta += scale_next * triton_noise.element_noise(
             seed, param_id, apply_step, first_group, noise_loc, noise_scale, BLOCK_G, GAUSSIAN)
+    if ROUND_BF16_FIRST:
+        theta = _round_to_bf16_nearest_even(theta)
     tl.store(param_ptr + local, theta.to(PARAM_DTYPE), mask=mask)
 
 
@@ -220,5 +232,7 @@ def fused_step(params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Te
         PARAM_DTYPE=_TL_DTYPES[params[0].dtype], HAS_MASTER=bool(masters), AMSGRAD=bool(amsgrad),
         MAXIMIZE=bool(maximize), NOISY=noise_scale != 0.0, RESTORE=bool(restore),
         APPLY_OFFSET=int(apply_offset), GAUSSIAN=distribution == "gaussian",
-        LR_IS_TENSOR=lr_is_tensor, BLOCK_G=groups_per_block,
+        LR_IS_TENSOR=lr_is_tensor,
+        ROUND_BF16_FIRST=interpreted() and params[0].dtype == torch.bfloat16,
+        BLOCK_G=groups_per_block,
     )
