@@ -103,6 +103,7 @@ def run_demo(config: DemoConfig) -> dict:
     device = torch.device(config.device)
     splits = load_digit_splits()
     tasks = [task.to(device) for task in make_tasks(config.tasks, splits)]
+    # The base is pre-trained on every view, whichever tasks are chosen.
     model, base = pretrain(make_tasks(VIEWS, splits), config.pretrain, device)
 
     accuracy: dict[str, list[list[float]]] = {"pre-trained": [_evaluate(model, base, tasks)]}
