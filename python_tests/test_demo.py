@@ -13,7 +13,7 @@ from mergopt_kernels.__main__ import main
 from mergopt_kernels.demo import MERGES, quick_config, run_demo, summarise
 from mergopt_kernels.demo.finetune import OPTIMIZERS, FinetuneConfig, finetune
 from mergopt_kernels.demo.model import PretrainConfig, pretrain
-from mergopt_kernels.demo.tasks import DEFAULT_TASKS, VIEWS, load_digit_splits, make_tasks
+from mergopt_kernels.demo.tasks import DEFAULT_TASKS, load_digit_splits, make_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
 
