@@ -75,6 +75,8 @@ setup(
     packages=find_packages(include=["mergopt_kernels", "mergopt_kernels.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.11,<2.14", "numpy"],
+    extras_require={"demo": ["scikit-learn", "matplotlib", "tqdm"]},   # python -m mergopt_kernels demo
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    entry_points={"console_scripts": ["mergopt-kernels = mergopt_kernels.__main__:main"]},
 )
