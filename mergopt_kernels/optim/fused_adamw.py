@@ -125,10 +125,13 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
         return loss
 
     def state_dict(self) -> dict:
-        """torch's optimizer state plus ``"mergopt": {"seed", "noise_step"}``."""
-        state = super().state_dict()
-        state["mergopt"] = self._mergopt_state()
-        return state
+        """torch's optimizer state plus ``"mergopt": {"seed", "noise_step"}``.
+
+        The same two numbers are also in every param group (``mergopt_seed``,
+        ``mergopt_noise_step``), so ``torch.distributed.checkpoint``'s optimizer state dicts,
+        which keep only "state" and "param_groups", carry them too.
+        """
+        return self._with_mergopt_state(super().state_dict())
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
@@ -137,11 +140,10 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
 
         Moments and masters stay fp32 whatever the parameters' dtype.
         """
-        if "mergopt" not in state_dict:
-            raise ValueError("state_dict has no 'mergopt' entry: it was not saved by FusedMergOptAdamW")
+        mergopt_state, state_dict = self._split_mergopt_state(state_dict, "FusedMergOptAdamW")
         self.remove_perturbation()
         saved_state = state_dict["state"]
-        without_state = {k: v for k, v in state_dict.items() if k not in ("state", "mergopt")}
+        without_state = {k: v for k, v in state_dict.items() if k != "state"}
         super().load_state_dict({**without_state, "state": {}})
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -152,7 +154,7 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
         for group in self.param_groups:
             pt.check_noise_options(group)
             self._init_state(group["params"])
-        self._load_mergopt_state(state_dict["mergopt"])
+        self._load_mergopt_state(mergopt_state)
         self._noise_pass(restore=False, apply_offset=0)
         self._perturbed = True
 
