@@ -238,14 +238,18 @@ class PerturbationMixin:
             params = params_local
         else:
             param_ids, index_bases = [ids[p] for p in params], [0] * len(params)
+        backend = ops.resolve_backend(self._backend, device)
+        # Only Triton keeps address tables between steps; no dict grows on the other paths,
+        # so a compiled step is not recompiled after its first call.
+        cache = self._launch_caches.setdefault((index, device, params[0].dtype, noise_only), {}) \
+            if backend == "triton" else None
         ops.fused_step(
-            ops.resolve_backend(self._backend, device), params=params, grads=grads,
+            backend, params=params, grads=grads,
             masters=masters, param_ids=param_ids, index_bases=index_bases,
             seed=self._seed, noise_step=self._noise_step(device), noise_loc=group["noise_loc"],
             noise_scale=float(group["noise_scale"]), alphas=group["alphas"], k_max=group["k_max"],
             distribution=group["distribution"], restore=restore, apply_offset=apply_offset,
-            cache=self._launch_caches.setdefault((index, device, params[0].dtype, noise_only), {}),
-            **adam)
+            cache=cache, **adam)
 
     def _perturb_group(self, index: int) -> None:
         """Write the current perturbation into group ``index`` (a group added while perturbed)."""
