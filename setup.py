@@ -75,6 +75,9 @@ setup(
     packages=find_packages(include=["mergopt_kernels", "mergopt_kernels.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.11,<2.14", "numpy"],
+    # mergopt_kernels.integrations.hf (MergOptCallback for transformers.Trainer); tested with
+    # the versions pinned in requirements-test.txt.
+    extras_require={"hf": ["transformers>=4.46", "accelerate>=1.0"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
