@@ -73,6 +73,35 @@ def assert_close(ours, reference, steps, what):
         assert err <= tol, f"{what}: {err} > {tol}"
 
 
+def parity_worker(rank, world_size, backend):
+    """A few steps per backend and dtype, and with MergOpt around SGD: sharded = 1-process."""
+    from mergopt_kernels import MergOpt
+
+    x, y = batch()
+    cases = [("adamw", torch.float32), ("adamw", torch.bfloat16), ("sgd", torch.float32)]
+    for kind, dtype in cases:
+        plain = make_model(0).to(dtype)
+        model = shard(copy.deepcopy(plain))
+        if kind == "adamw":
+            ref_opt = FusedMergOptAdamW(plain.parameters(), seed=SEED, backend=backend, **OPT_KWARGS)
+            opt = FusedMergOptAdamW(model.parameters(), seed=SEED, backend=backend, **OPT_KWARGS)
+        else:
+            ref_opt, opt = (MergOpt(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), seed=SEED,
+                                    noise_scale=0.05, backend=backend) for m in (plain, model))
+        for step in range(1, 4):
+            # Same operations on the same values: bf16 too agrees up to fp32 rounding.
+            assert_close(full(model), full(plain), step, f"{kind} {dtype} perturbed, step {step}")
+            train_step(plain, ref_opt, x.to(dtype), y.to(dtype))
+            train_step(model, opt, x.to(dtype), y.to(dtype))
+        with opt.clean_weights(), ref_opt.clean_weights():
+            assert_close(full(model), full(plain), 3, f"{kind} {dtype} clean")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fsdp2_matches_one_process_on_every_cpu_backend(backend):
+    run_ranks(parity_worker, backend)
+
+
 def fsdp_worker(rank, world_size, checkpoint_dir):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -141,6 +170,16 @@ def seed_worker(rank, world_size):
             FusedMergOptAdamW(probe.parameters(), seed=seed)
         for p, q in zip(probe.parameters(), before):
             assert torch.equal(p, q)  # nothing modified
+
+    # Tensor parallel placements put no contiguous range of the parameter on a rank.
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    column_sharded = torch.nn.Parameter(distribute_tensor(torch.zeros(4, 6), mesh, [Shard(1)]))
+    with pytest.raises(ValueError, match="params: DTensor placements"):
+        FusedMergOptAdamW([column_sharded], seed=SEED)
+    assert torch.equal(column_sharded.full_tensor(), torch.zeros(4, 6))
 
     # DDP: every rank perturbs with the same noise, so the replicas stay equal.
     ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 3))
