@@ -35,7 +35,7 @@ def dataset():
     return [{"input_ids": row, "labels": row} for row in ids]
 
 
-def make_trainer(output_dir, seed, init_seed=0, lr_lambda=lambda step: 1.0, hook=None):
+def make_trainer(output_dir, seed, init_seed=0, lr_lambda=lambda step: 1.0, hook=None, **options):
     model = tiny_gpt2(init_seed)
     opt = FusedMergOptAdamW(model.parameters(), lr=1e-2, weight_decay=0.01, noise_scale=NOISE_SCALE, seed=seed)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
@@ -44,8 +44,8 @@ def make_trainer(output_dir, seed, init_seed=0, lr_lambda=lambda step: 1.0, hook
     args = transformers.TrainingArguments(
         output_dir=str(output_dir), per_device_train_batch_size=4, max_steps=MAX_STEPS,
         save_strategy="steps", save_steps=1, logging_steps=1, report_to=[], use_cpu=True,
-        seed=0, data_seed=0, dataloader_num_workers=0, disable_tqdm=True, max_grad_norm=1.0)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset(),
+        seed=0, data_seed=0, dataloader_num_workers=0, disable_tqdm=True, max_grad_norm=1.0, **options)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset(), eval_dataset=dataset()[:4],
                                    optimizers=(opt, scheduler), callbacks=[MergOptCallback()])
     return trainer, model, opt
 
@@ -59,16 +59,25 @@ def losses(trainer):
 
 
 def test_forward_sees_perturbed_weights_and_checkpoints_hold_clean_ones(tmp_path, fresh_seed):
-    seen = {}
+    """Two micro-batches per step (3 epochs of 2 steps) and an evaluation every other step."""
+    seen, evaluated = {}, {}
 
-    def record(module, args):  # the weight the training forward uses, per noise step
-        if module.training:
-            seen.setdefault(opt.noise_step(), module.weight.detach().clone())
+    def record(module, args):  # the weights the training and evaluation forwards use
+        (seen if module.training else evaluated).setdefault(opt.noise_step(), []).append(
+            module.weight.detach().clone())
 
-    trainer, model, opt = make_trainer(tmp_path, fresh_seed, hook=record)
+    trainer, model, opt = make_trainer(tmp_path, fresh_seed, hook=record, gradient_accumulation_steps=2,
+                                       eval_strategy="steps", eval_steps=2)
     initial = model.transformer.h[0].mlp.c_fc.weight.detach().clone()  # clean: the callback removed z_1
     trainer.train()
     assert sorted(seen) == list(range(1, MAX_STEPS + 1))
+    for t, forwards in seen.items():  # the micro-batches of a step see the same weights
+        assert len(forwards) == 2 and torch.equal(forwards[0], forwards[1])
+    seen = {t: forwards[0] for t, forwards in seen.items()}
+    # Evaluation after step k sees theta_{k+1}, which checkpoint-k holds.
+    assert sorted(evaluated) == [3, 5, 7]
+    for t, forwards in evaluated.items():
+        assert all(torch.equal(w, checkpoint_weight(tmp_path, t - 1)) for w in forwards)
     param_id = next(i for i, p in enumerate(opt.param_groups[0]["params"])
                     if p is model.transformer.h[0].mlp.c_fc.weight)
     shifted = 0
