@@ -3,6 +3,8 @@
 The parameters hold ``theta_t + s_t z_t`` between steps (``perturbed``), where ``t`` is the
 noise step kept in an int64 device tensor per device, so that no step needs the host to read it.
 Low-precision parameters keep ``theta_t`` exactly in an fp32 ``master`` entry of their state.
+DTensor parameters (FSDP2) are updated through their local shards, with the index of each
+shard's first element in the whole parameter as the kernels' index base.
 """
 
 from __future__ import annotations

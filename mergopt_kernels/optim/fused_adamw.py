@@ -23,6 +23,12 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
     ``amsgrad``, ``max_exp_avg_sq``; bfloat16/float16 parameters also keep ``master``, an fp32
     copy of theta that makes their restore exact (their moments are fp32 too).
 
+    Distributed training: FSDP2-sharded parameters (DTensors placed ``Shard(0)`` or
+    ``Replicate()`` on every mesh dimension) are updated shard by shard, each element with the
+    noise of its index in the whole parameter, so a sharded run follows the 1-process run.
+    When torch.distributed is initialised, building the optimizer is a collective call (every
+    rank of the default group must build it) that makes all ranks use one seed.
+
     Args:
         params: iterable of parameters (float32, bfloat16, float16; contiguous) or param groups.
         lr, betas, eps, weight_decay, amsgrad, maximize: as ``torch.optim.AdamW``; ``lr`` may be
@@ -33,7 +39,9 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
         alphas: merge coefficients ``alpha`` is drawn from, uniformly, once per step.
         k_max: the number of merged models ``K`` is drawn uniformly from ``1..k_max``.
         distribution: ``"laplace"`` or ``"gaussian"``.
-        seed: 64-bit seed of the noise stream; None draws one from torch's default generator.
+        seed: 64-bit seed of the noise stream; None draws one from torch's default generator
+            (rank 0's under torch.distributed). A given seed must be equal on every rank, else
+            ``ValueError``.
         backend: ``"auto"`` (Triton on GPUs, torch ops on the CPU), ``"triton"`` or ``"torch"``.
     """
 

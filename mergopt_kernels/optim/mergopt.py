@@ -21,7 +21,7 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
     Args:
         base: a constructed torch optimizer; its groups get the noise options below as defaults.
         noise_scale, noise_loc, alphas, k_max, distribution, seed, backend: as in
-            ``FusedMergOptAdamW``.
+            ``FusedMergOptAdamW`` (sharded parameters and the seed under torch.distributed too).
     """
 
     def __init__(self, base: torch.optim.Optimizer, *, noise_scale=5e-4, noise_loc=0.0,
