@@ -1,6 +1,7 @@
 """torch.compile over a training step with FusedMergOptAdamW (CPU), and CUDA-graph capture
-(skipped without a GPU). On the CPU the step is the native op, a torch.library custom op with a
-fake registration, so the whole optimizer step compiles into one graph."""
+(skipped without a GPU). The step is one custom op per bucket in the graph: the native op (a
+TORCH_LIBRARY op with a fake registration) or, for Triton, ``mergopt_triton::fused_step`` (run
+here through Triton's interpreter), so the whole optimizer step compiles into one graph."""
 
 from __future__ import annotations
 
@@ -27,9 +28,9 @@ def data(n=4):
     return [(torch.randn(8, 6, generator=g), torch.randn(8, 2, generator=g)) for _ in range(n)]
 
 
-def run_eager(seed, batches):
+def run_eager(seed, batches, backend="auto"):
     model = mlp()
-    opt = FusedMergOptAdamW(model.parameters(), seed=seed, **OPTIONS)
+    opt = FusedMergOptAdamW(model.parameters(), seed=seed, backend=backend, **OPTIONS)
     losses = []
     for x, y in batches:
         loss = torch.nn.functional.mse_loss(model(x), y)
@@ -41,14 +42,14 @@ def run_eager(seed, batches):
         return [p.detach().clone() for p in model.parameters()], losses
 
 
-@needs_native
-def test_compiled_step_is_one_graph_and_matches_eager(fresh_seed):
+@pytest.mark.parametrize("backend", [pytest.param("native", marks=needs_native), "triton"])
+def test_compiled_step_is_one_graph_and_matches_eager(backend, fresh_seed):
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
     batches = data()
     model = mlp()
-    opt = FusedMergOptAdamW(model.parameters(), seed=fresh_seed, **OPTIONS)
+    opt = FusedMergOptAdamW(model.parameters(), seed=fresh_seed, backend=backend, **OPTIONS)
     counter = CompileCounterWithBackend("aot_eager")
     compiled_model = torch.compile(model, backend="aot_eager")
 
@@ -65,7 +66,7 @@ def test_compiled_step_is_one_graph_and_matches_eager(fresh_seed):
         losses.append(loss.item())
     assert counter.frame_count == 1  # compiled once, no recompilation per step
     assert opt.noise_step() == len(batches) + 1
-    expected, expected_losses = run_eager(fresh_seed, batches)
+    expected, expected_losses = run_eager(fresh_seed, batches, backend)
     assert losses == expected_losses
     with opt.clean_weights():
         for p, q in zip(model.parameters(), expected):

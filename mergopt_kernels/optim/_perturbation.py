@@ -241,10 +241,10 @@ class PerturbationMixin:
         else:
             param_ids, index_bases = [ids[p] for p in params], [0] * len(params)
         backend = ops.resolve_backend(self._backend, device)
-        # Only Triton keeps address tables between steps; no dict grows on the other paths,
-        # so a compiled step is not recompiled after its first call.
+        # Only eager Triton launches keep their address tables here (compiled ones keep them in
+        # ops.triton_step): no dict grows while compiling, so a compiled step compiles once.
         cache = self._launch_caches.setdefault((index, device, params[0].dtype, noise_only), {}) \
-            if backend == "triton" else None
+            if backend == "triton" and not torch.compiler.is_compiling() else None
         ops.fused_step(
             backend, params=params, grads=grads,
             masters=masters, param_ids=param_ids, index_bases=index_bases,
