@@ -75,7 +75,10 @@ setup(
     packages=find_packages(include=["mergopt_kernels", "mergopt_kernels.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.11,<2.14", "numpy"],
-    extras_require={"demo": ["scikit-learn", "matplotlib", "tqdm"]},   # python -m mergopt_kernels demo
+    # "demo": python -m mergopt_kernels demo. "hf": mergopt_kernels.integrations.hf
+    # (MergOptCallback for transformers.Trainer), tested with requirements-test.txt's pins.
+    extras_require={"demo": ["scikit-learn", "matplotlib", "tqdm"],
+                    "hf": ["transformers>=4.46", "accelerate>=1.0"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={"console_scripts": ["mergopt-kernels = mergopt_kernels.__main__:main"]},

@@ -25,12 +25,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         if device.type != "cpu":
+            from . import triton_step  # noqa: F401  (imported eagerly: compiled steps call it)
             return "triton"
         from . import native
         return "native" if native.available("cpu") else "torch"
-    if backend == "triton" and device.type == "cpu":
+    if backend == "triton":
         from . import triton_step
-        if not triton_step.interpreted():
+        if device.type == "cpu" and not triton_step.interpreted():
             raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 "
                              "(Triton's interpreter); use backend='auto', 'native' or 'torch'")
     if backend in ("native", "cuda"):
@@ -48,7 +49,10 @@ def fused_step(backend: str, **kwargs) -> None:
     """Run the fused step of ``ops.torch_step.fused_step`` on a resolved backend."""
     if backend == "triton":
         from . import triton_step
-        triton_step.fused_step(**kwargs)
+        if torch.compiler.is_compiling():  # an opaque custom op: torch.compile cannot trace it
+            triton_step.fused_step_op(**kwargs)
+        else:
+            triton_step.fused_step(**kwargs)
         return
     kwargs.pop("cache", None)
     if backend == "native":

@@ -36,6 +36,8 @@ def _register_fake() -> None:
 
 
 def _load() -> dict:
+    if _STATE:  # loaded (or found missing) already: no lock, so torch.compile traces through
+        return _STATE
     with _LOCK:
         if _STATE:
             return _STATE

@@ -236,3 +236,46 @@ def fused_step(params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Te
         ROUND_BF16_FIRST=interpreted() and params[0].dtype == torch.bfloat16,
         BLOCK_G=groups_per_block,
     )
+
+
+# torch.compile cannot trace fused_step (it reads data pointers to build the tables), so
+# compiled code calls it through this opaque custom op: one node in the graph, no graph break.
+# Its tables live here, one per bucket (device, dtype, first parameter's address, size).
+_COMPILED_TABLES: dict = {}
+_MUTATED = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "masters")
+
+
+@torch.library.custom_op("mergopt_triton::fused_step", mutates_args=_MUTATED)
+def _fused_step_op(params: list[torch.Tensor], grads: list[Optional[torch.Tensor]],
+                   exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
+                   max_exp_avg_sqs: list[torch.Tensor], masters: list[torch.Tensor],
+                   steps: list[torch.Tensor], param_ids: list[int], index_bases: list[int],
+                   seed: int, noise_step: torch.Tensor, lr: float, lr_tensor: Optional[torch.Tensor],
+                   beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool,
+                   maximize: bool, noise_loc: float, noise_scale: float, alphas: list[float],
+                   k_max: int, distribution: str, restore: bool, apply_offset: int) -> None:
+    key = (params[0].device, params[0].dtype, params[0].data_ptr(), len(params),
+           tuple(g is None for g in grads))
+    fused_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps, param_ids,
+               index_bases, seed & ((1 << 64) - 1), noise_step, lr if lr_tensor is None else lr_tensor,
+               beta1, beta2, eps, weight_decay, amsgrad, maximize, noise_loc, noise_scale, alphas,
+               k_max, distribution, restore, apply_offset, cache=_COMPILED_TABLES.setdefault(key, {}))
+
+
+@_fused_step_op.register_fake
+def _fused_step_fake(*args, **kwargs) -> None:
+    return None
+
+
+def fused_step_op(**kwargs) -> None:
+    """``fused_step``'s keyword arguments, through the custom op (for torch.compile)."""
+    kwargs.pop("cache", None)
+    if not kwargs["params"]:
+        return
+    lr = kwargs.pop("lr")
+    seed = kwargs.pop("seed") & ((1 << 64) - 1)
+    lr_is_tensor = isinstance(lr, torch.Tensor)
+    kwargs["grads"] = list(kwargs["grads"])
+    torch.ops.mergopt_triton.fused_step(
+        **kwargs, seed=seed - (1 << 64) if seed >= 1 << 63 else seed,
+        lr=0.0 if lr_is_tensor else float(lr), lr_tensor=lr if lr_is_tensor else None)

@@ -3,6 +3,8 @@
 The parameters hold ``theta_t + s_t z_t`` between steps (``perturbed``), where ``t`` is the
 noise step kept in an int64 device tensor per device, so that no step needs the host to read it.
 Low-precision parameters keep ``theta_t`` exactly in an fp32 ``master`` entry of their state.
+DTensor parameters (FSDP2) are updated through their local shards, with the index of each
+shard's first element in the whole parameter as the kernels' index base.
 """
 
 from __future__ import annotations
@@ -15,6 +17,11 @@ from typing import Iterator, Optional
 import torch
 
 from .. import noise, ops
+
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # pragma: no cover - torch built without distributed
+    _DTensor = None
 
 NOISE_DEFAULTS = dict(noise_scale=5e-4, noise_loc=0.0, alphas=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6),
                       k_max=7, distribution="laplace")
@@ -53,6 +60,51 @@ def check_noise_options(group: dict) -> None:
         raise ValueError(f"distribution must be one of {noise.DISTRIBUTIONS}, got {group['distribution']!r}")
 
 
+def local_tensor(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The local shard of a DTensor (an alias: writing it writes the parameter), else ``t``."""
+    if t is not None and _DTensor is not None and isinstance(t, _DTensor):
+        return t.to_local()
+    return t
+
+
+def _check_placements(p: torch.Tensor) -> None:
+    """DTensor parameters must hold a contiguous range of the flattened parameter locally:
+    every placement is Replicate or Shard(0) (FSDP2's default), so one index base describes it."""
+    if _DTensor is None or not isinstance(p, _DTensor):
+        return
+    from torch.distributed.tensor import Replicate, Shard
+
+    for placement in p.placements:
+        if type(placement) is Replicate or (type(placement) is Shard and placement.dim == 0):
+            continue
+        raise ValueError(f"params: DTensor placements {tuple(p.placements)} are not supported; "
+                         "each mesh dimension must be Replicate() or Shard(0) (FSDP2's default)")
+
+
+def index_base(p: torch.Tensor) -> int:
+    """The index, in the whole flattened parameter, of the first element of ``p``'s local tensor.
+
+    0 for ordinary tensors; for a DTensor sharded on dim 0 (FSDP2), its row offset times the
+    row size, so every element draws the noise it would draw in an unsharded run.
+    """
+    if _DTensor is None or not isinstance(p, _DTensor) or p.dim() == 0:
+        return 0
+    try:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+        _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        row_offset = int(offset[0])
+    except ImportError:  # pragma: no cover - the helper exists in torch 2.11 to 2.13
+        row_offset = 0
+        rows = p.shape[0]
+        for mesh_dim, placement in enumerate(p.placements):
+            if placement.is_shard(0):
+                size = p.device_mesh.size(mesh_dim)
+                chunk = -(-rows // size)
+                row_offset += min(chunk * p.device_mesh.get_local_rank(mesh_dim), rows)
+                rows = chunk
+    return row_offset * math.prod(p.shape[1:])
+
+
 def check_params(params: list, seen: set) -> None:
     """Reject parameters the fused kernels cannot update; ``seen`` collects ids across groups."""
     devices = {p.device for p in params}
@@ -68,8 +120,9 @@ def check_params(params: list, seen: set) -> None:
             raise TypeError("params: complex parameters are not supported")
         if p.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"params: dtype {p.dtype} is not supported (float32, bfloat16, float16)")
-        if not p.is_contiguous():
+        if not p.is_contiguous() or not local_tensor(p).is_contiguous():
             raise ValueError(f"params: parameters must be contiguous, got strides {p.stride()}")
+        _check_placements(p)
 
 
 def resolve_seed(seed: Optional[int]) -> int:
@@ -79,6 +132,26 @@ def resolve_seed(seed: Optional[int]) -> int:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MASK64:
         raise ValueError(f"seed must be None or an integer in [0, 2**64), got {seed!r}")
     return seed
+
+
+def agree_on_seed(seed: int, given: bool) -> int:
+    """The seed every rank uses when torch.distributed is initialised (a collective call).
+
+    A drawn seed (``seed=None``) is rank 0's, broadcast; a given seed must be the same on every
+    rank, else every rank raises ``ValueError`` naming ``seed``. Without torch.distributed, or
+    with one process, ``seed`` itself.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() <= 1:
+        return seed
+    seeds: list = [None] * dist.get_world_size()
+    dist.all_gather_object(seeds, (seed, given))
+    given_seeds = {s for s, was_given in seeds if was_given}
+    if given_seeds and (len(given_seeds) > 1 or not all(was_given for _, was_given in seeds)):
+        raise ValueError("seed must be the same on every rank (or None on every rank, then rank 0's "
+                         f"drawn seed is used); got seeds per rank {[s if g else None for s, g in seeds]}")
+    return seeds[0][0]
 
 
 def needs_master(p: torch.Tensor) -> bool:
@@ -92,7 +165,7 @@ class PerturbationMixin:
         for device in {p.device for g in self.param_groups for p in g["params"]}:
             ops.resolve_backend(backend, device)
         self._backend = backend
-        self._seed = resolve_seed(seed)
+        self._seed = agree_on_seed(resolve_seed(seed), seed is not None)
         self._noise_steps: dict[torch.device, torch.Tensor] = {}
         self._noise_step_start = 1
         self._perturbed = False
@@ -106,6 +179,12 @@ class PerturbationMixin:
             cached = {p: i for i, p in enumerate(params)}
             self._param_id_cache = cached
         return cached
+
+    def _index_base(self, p: torch.Tensor) -> int:
+        cache = self.__dict__.setdefault("_index_base_cache", {})
+        if p not in cache:
+            cache[p] = index_base(p)
+        return cache[p]
 
     def _noise_step(self, device: torch.device) -> torch.Tensor:
         if device not in self._noise_steps:
@@ -140,14 +219,39 @@ class PerturbationMixin:
             adam = dict(exp_avgs=placeholders, exp_avg_sqs=placeholders, max_exp_avg_sqs=[],
                         steps=placeholders, lr=0.0, beta1=0.0, beta2=0.0, eps=0.0,
                         weight_decay=0.0, amsgrad=False, maximize=False)
+        if _DTensor is not None and any(isinstance(p, _DTensor) for p in params):
+            # Sharded parameters (FSDP2): update the local shards, each element with the noise
+            # of its index in the whole parameter; ranks holding no rows skip the parameter.
+            index_bases = [self._index_base(p) for p in params]
+            keep = [i for i, p in enumerate(params) if local_tensor(p).numel() > 0]
+            if not keep:
+                return
+
+            def local(tensors: list) -> list:
+                return [local_tensor(tensors[i]) for i in keep] if tensors else tensors
+
+            adam = dict(adam)
+            for name in ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "steps"):
+                adam[name] = local(adam[name])
+            grads = [g if g is None or g.is_contiguous() else g.contiguous() for g in local(grads)]
+            params_local, masters = local(params), local(masters)
+            param_ids = [ids[params[i]] for i in keep]
+            index_bases = [index_bases[i] for i in keep]
+            params = params_local
+        else:
+            param_ids, index_bases = [ids[p] for p in params], [0] * len(params)
+        backend = ops.resolve_backend(self._backend, device)
+        # Only eager Triton launches keep their address tables here (compiled ones keep them in
+        # ops.triton_step): no dict grows while compiling, so a compiled step compiles once.
+        cache = self._launch_caches.setdefault((index, device, params[0].dtype, noise_only), {}) \
+            if backend == "triton" and not torch.compiler.is_compiling() else None
         ops.fused_step(
-            ops.resolve_backend(self._backend, device), params=params, grads=grads,
-            masters=masters, param_ids=[ids[p] for p in params], index_bases=[0] * len(params),
+            backend, params=params, grads=grads,
+            masters=masters, param_ids=param_ids, index_bases=index_bases,
             seed=self._seed, noise_step=self._noise_step(device), noise_loc=group["noise_loc"],
             noise_scale=float(group["noise_scale"]), alphas=group["alphas"], k_max=group["k_max"],
             distribution=group["distribution"], restore=restore, apply_offset=apply_offset,
-            cache=self._launch_caches.setdefault((index, device, params[0].dtype, noise_only), {}),
-            **adam)
+            cache=cache, **adam)
 
     def _perturb_group(self, index: int) -> None:
         """Write the current perturbation into group ``index`` (a group added while perturbed)."""
@@ -185,10 +289,11 @@ class PerturbationMixin:
         try:
             yield self
         finally:
-            self._sync_masters_with_params()
+            # A load_state_dict() inside has already written the loaded step's perturbation.
             if was_perturbed:
-                self._noise_pass(restore=False, apply_offset=0)
-                self._perturbed = True
+                self.apply_perturbation()
+            elif not self._perturbed:
+                self._sync_masters_with_params()
 
     @torch.no_grad()
     def _sync_masters_with_params(self) -> None:
@@ -198,6 +303,21 @@ class PerturbationMixin:
                 if master is not None:
                     changed = master.to(p.dtype) != p
                     master.copy_(torch.where(changed, p.float(), master))
+
+    @torch.no_grad()
+    def apply_perturbation(self) -> None:
+        """Write the current step's perturbation into parameters that hold theta_t (idempotent).
+
+        The inverse of ``remove_perturbation()``: after it, the next forward/backward sees
+        theta_t + s_t z_t again. Weights written into the parameters while they were clean
+        (a loaded checkpoint) are taken as theta_t. ``step()`` does this by itself, so it is only
+        needed to train on from the same step, e.g. after saving clean weights between
+        ``remove_perturbation()`` and the next forward (``integrations.hf.MergOptCallback``).
+        """
+        if not self._perturbed:
+            self._sync_masters_with_params()
+            self._noise_pass(restore=False, apply_offset=0)
+            self._perturbed = True
 
     @torch.no_grad()
     def remove_perturbation(self) -> None:
@@ -219,6 +339,45 @@ class PerturbationMixin:
 
     def _mergopt_state(self) -> dict:
         return {"seed": self._seed, "noise_step": self.noise_step()}
+
+    def _with_mergopt_state(self, state: dict) -> dict:
+        """``state`` (torch's optimizer state dict) plus the noise state, twice: as
+        ``state["mergopt"]`` and as ``mergopt_seed``/``mergopt_noise_step`` in every saved param
+        group, which torch.distributed.checkpoint keeps (it keeps only "state" and
+        "param_groups")."""
+        saved = self._mergopt_state()
+        state["param_groups"] = [dict(group, mergopt_seed=saved["seed"], mergopt_noise_step=saved["noise_step"])
+                                 for group in state["param_groups"]]
+        state["mergopt"] = saved
+        return state
+
+    @staticmethod
+    def _split_mergopt_state(state_dict: dict, owner: str) -> tuple[dict, dict]:
+        """(the noise state, ``state_dict`` without it); checked before anything is modified."""
+        if not isinstance(state_dict, dict) or "param_groups" not in state_dict:
+            raise ValueError("state_dict must be an optimizer state dict with 'param_groups'")
+        groups = state_dict["param_groups"]
+        per_group = [(g.get("mergopt_seed"), g.get("mergopt_noise_step")) for g in groups]
+        saved = state_dict.get("mergopt")
+        if saved is None:
+            found = {pair for pair in per_group if pair != (None, None)}
+            if len(found) != 1 or (None, None) in per_group:
+                raise ValueError(f"state_dict has no 'mergopt' entry (nor one seed and noise step in its "
+                                 f"param_groups): it was not saved by {owner}")
+            seed, step = found.pop()
+            saved = {"seed": seed, "noise_step": step}
+        if not isinstance(saved, dict) or set(saved) != {"seed", "noise_step"}:
+            raise ValueError("state_dict['mergopt'] must hold 'seed' and 'noise_step'")
+        resolve_seed(saved["seed"])
+        step = saved["noise_step"]
+        if isinstance(step, torch.Tensor):
+            step = step.item()
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"state_dict['mergopt']['noise_step'] must be an integer >= 0, got {step!r}")
+        rest = {k: v for k, v in state_dict.items() if k != "mergopt"}
+        rest["param_groups"] = [{k: v for k, v in g.items() if k not in ("mergopt_seed", "mergopt_noise_step")}
+                                for g in groups]
+        return {"seed": saved["seed"], "noise_step": step}, rest
 
     def _load_mergopt_state(self, saved: dict) -> None:
         if not isinstance(saved, dict) or set(saved) != {"seed", "noise_step"}:

@@ -23,6 +23,12 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
     ``amsgrad``, ``max_exp_avg_sq``; bfloat16/float16 parameters also keep ``master``, an fp32
     copy of theta that makes their restore exact (their moments are fp32 too).
 
+    Distributed training: FSDP2-sharded parameters (DTensors placed ``Shard(0)`` or
+    ``Replicate()`` on every mesh dimension) are updated shard by shard, each element with the
+    noise of its index in the whole parameter, so a sharded run follows the 1-process run.
+    When torch.distributed is initialised, building the optimizer is a collective call (every
+    rank of the default group must build it) that makes all ranks use one seed.
+
     Args:
         params: iterable of parameters (float32, bfloat16, float16; contiguous) or param groups.
         lr, betas, eps, weight_decay, amsgrad, maximize: as ``torch.optim.AdamW``; ``lr`` may be
@@ -33,7 +39,9 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
         alphas: merge coefficients ``alpha`` is drawn from, uniformly, once per step.
         k_max: the number of merged models ``K`` is drawn uniformly from ``1..k_max``.
         distribution: ``"laplace"`` or ``"gaussian"``.
-        seed: 64-bit seed of the noise stream; None draws one from torch's default generator.
+        seed: 64-bit seed of the noise stream; None draws one from torch's default generator
+            (rank 0's under torch.distributed). A given seed must be equal on every rank, else
+            ``ValueError``.
         backend: ``"auto"`` (Triton on GPUs, torch ops on the CPU), ``"triton"`` or ``"torch"``.
     """
 
@@ -125,10 +133,13 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
         return loss
 
     def state_dict(self) -> dict:
-        """torch's optimizer state plus ``"mergopt": {"seed", "noise_step"}``."""
-        state = super().state_dict()
-        state["mergopt"] = self._mergopt_state()
-        return state
+        """torch's optimizer state plus ``"mergopt": {"seed", "noise_step"}``.
+
+        The same two numbers are also in every param group (``mergopt_seed``,
+        ``mergopt_noise_step``), so ``torch.distributed.checkpoint``'s optimizer state dicts,
+        which keep only "state" and "param_groups", carry them too.
+        """
+        return self._with_mergopt_state(super().state_dict())
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
@@ -137,11 +148,10 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
 
         Moments and masters stay fp32 whatever the parameters' dtype.
         """
-        if "mergopt" not in state_dict:
-            raise ValueError("state_dict has no 'mergopt' entry: it was not saved by FusedMergOptAdamW")
+        mergopt_state, state_dict = self._split_mergopt_state(state_dict, "FusedMergOptAdamW")
         self.remove_perturbation()
         saved_state = state_dict["state"]
-        without_state = {k: v for k, v in state_dict.items() if k not in ("state", "mergopt")}
+        without_state = {k: v for k, v in state_dict.items() if k != "state"}
         super().load_state_dict({**without_state, "state": {}})
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -152,7 +162,7 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
         for group in self.param_groups:
             pt.check_noise_options(group)
             self._init_state(group["params"])
-        self._load_mergopt_state(state_dict["mergopt"])
+        self._load_mergopt_state(mergopt_state)
         self._noise_pass(restore=False, apply_offset=0)
         self._perturbed = True
 

@@ -21,7 +21,7 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
     Args:
         base: a constructed torch optimizer; its groups get the noise options below as defaults.
         noise_scale, noise_loc, alphas, k_max, distribution, seed, backend: as in
-            ``FusedMergOptAdamW``.
+            ``FusedMergOptAdamW`` (sharded parameters and the seed under torch.distributed too).
     """
 
     def __init__(self, base: torch.optim.Optimizer, *, noise_scale=5e-4, noise_loc=0.0,
@@ -96,17 +96,14 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         """The base optimizer's state (with masters) plus ``"mergopt": {"seed", "noise_step"}``."""
-        state = self.base.state_dict()
-        state["mergopt"] = self._mergopt_state()
-        return state
+        return self._with_mergopt_state(self.base.state_dict())
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state saved by ``state_dict()`` (see ``FusedMergOptAdamW.load_state_dict``)."""
-        if "mergopt" not in state_dict:
-            raise ValueError("state_dict has no 'mergopt' entry: it was not saved by MergOpt")
+        mergopt_state, state_dict = self._split_mergopt_state(state_dict, "MergOpt")
         self.remove_perturbation()
-        self.base.load_state_dict({k: v for k, v in state_dict.items() if k != "mergopt"})
+        self.base.load_state_dict(state_dict)
         self.param_groups = self.base.param_groups
         self.state = self.base.state
         for group in self.param_groups:
@@ -115,6 +112,6 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
                 if pt.needs_master(p) and "master" in self.state[p]:
                     self.state[p]["master"] = self.state[p]["master"].float()
             self._init_masters(group["params"])
-        self._load_mergopt_state(state_dict["mergopt"])
+        self._load_mergopt_state(mergopt_state)
         self._noise_pass(restore=False, apply_offset=0)
         self._perturbed = True
