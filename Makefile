@@ -7,10 +7,10 @@ STAMP := $(VENV)/.mergopt-installed
 
 .PHONY: setup demo test native-test
 
-$(STAMP): requirements.txt setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+$(STAMP): requirements.txt requirements-test.txt setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
 	MERGOPT_NO_NATIVE=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	$(PY) setup.py -q build_ext --inplace
 	touch $@
