@@ -1,8 +1,8 @@
 """The "Use it in your training loop" snippets, executed as written.
 
-Each snippet is the ```python block after a ``<!-- snippet: NAME -->`` marker in README.md or,
-while they are not pasted there, in docs_snippets.md. The tests give them small stand-ins for
-``model``, ``loader``, ``loss_fn`` and the like; without a GPU "cuda" becomes "cpu"."""
+Each snippet is the ```python block after a ``<!-- snippet: NAME -->`` marker in README.md.
+The tests give them small stand-ins for ``model``, ``loader``, ``loss_fn`` and the like;
+without a GPU "cuda" becomes "cpu"."""
 
 from __future__ import annotations
 
@@ -24,14 +24,10 @@ EPS32 = 2.0**-23
 
 def snippet(name: str) -> str:
     pattern = re.compile(rf"<!-- snippet: {re.escape(name)} -->\s*```python\n(.*?)```", re.S)
-    for source in ("README.md", "docs_snippets.md"):
-        path = ROOT / source
-        if path.exists():
-            found = pattern.search(path.read_text())
-            if found:
-                code = found.group(1)
-                return code if torch.cuda.is_available() else code.replace('"cuda"', '"cpu"')
-    raise AssertionError(f"no snippet {name!r} in README.md or docs_snippets.md")
+    found = pattern.search((ROOT / "README.md").read_text())
+    assert found, f"no snippet {name!r} in README.md"
+    code = found.group(1)
+    return code if torch.cuda.is_available() else code.replace('"cuda"', '"cpu"')
 
 
 def run(name: str, namespace: dict) -> dict:

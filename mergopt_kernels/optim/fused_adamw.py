@@ -42,7 +42,8 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
         seed: 64-bit seed of the noise stream; None draws one from torch's default generator
             (rank 0's under torch.distributed). A given seed must be equal on every rank, else
             ``ValueError``.
-        backend: ``"auto"`` (Triton on GPUs, torch ops on the CPU), ``"triton"`` or ``"torch"``.
+        backend: ``"auto"`` (Triton on GPUs; on the CPU the native C++ op when built, else
+            torch ops), ``"triton"``, ``"native"``, ``"cuda"`` or ``"torch"`` (see ``ops``).
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
