@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import defaultdict
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -161,15 +161,23 @@ def needs_master(p: torch.Tensor) -> bool:
 class PerturbationMixin:
     """Noise bookkeeping for an optimizer whose ``param_groups`` carry the noise options."""
 
-    def _init_perturbation(self, seed: Optional[int], backend: str) -> None:
+    def _start_perturbation(self, seed: Optional[int], backend: str,
+                            init_state: Callable[[list], None]) -> None:
+        """End of construction: settle the backend and seed, give every parameter its state
+        with ``init_state(params)`` and write the first perturbation, theta_0 + s_1 z_1."""
         for device in {p.device for g in self.param_groups for p in g["params"]}:
             ops.resolve_backend(backend, device)
         self._backend = backend
         self._seed = agree_on_seed(resolve_seed(seed), seed is not None)
         self._noise_steps: dict[torch.device, torch.Tensor] = {}
         self._noise_step_start = 1
-        self._perturbed = False
         self._launch_caches: dict = {}
+        with torch.no_grad():
+            for group in self.param_groups:
+                init_state(group["params"])
+            self._noise_pass(restore=False, apply_offset=0)
+        self._perturbed = True
+        self._ready = True
 
     def _param_ids(self) -> dict:
         """The parameters' identities in the noise stream: positions in the optimizer's list."""

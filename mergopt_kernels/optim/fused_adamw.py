@@ -56,13 +56,7 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
         self._seen_params: set = set()
         self._ready = False
         super().__init__(params, defaults)
-        self._init_perturbation(seed, backend)
-        with torch.no_grad():
-            for group in self.param_groups:
-                self._init_state(group["params"])
-            self._noise_pass(restore=False, apply_offset=0)
-        self._perturbed = True
-        self._ready = True
+        self._start_perturbation(seed, backend, self._init_state)
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group (checked first); after construction its params get the current noise."""

@@ -47,13 +47,7 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
         for group, options in zip(self.param_groups, checked):
             group.update(options)
         self.state = base.state
-        self._init_perturbation(seed, backend)
-        with torch.no_grad():
-            for group in self.param_groups:
-                self._init_masters(group["params"])
-            self._noise_pass(restore=False, apply_offset=0)
-        self._perturbed = True
-        self._ready = True
+        self._start_perturbation(seed, backend, self._init_masters)
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group to the base optimizer too (after construction)."""
