@@ -23,7 +23,10 @@ CSRC = "csrc"
 # -ffp-contract=off / --fmad=false: no FMA contraction, so the AVX2 and baseline CPU paths and the
 # CUDA kernel produce the same bits (csrc/include/mergopt/noise.h). -fno-math-errno lets sqrtf
 # vectorize. Baseline code stays x86-64 (SSE2); AVX2 code is chosen at run time (fused_step.cpp).
-CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
+# -fopenmp: at::parallel_for is inline (ATen/ParallelOpenMP.h) and runs serially without it; the
+# OpenMP runtime is the one torch already loads.
+CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
+LINK_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "--fmad=false",
               "-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_90,code=compute_90"]
 
@@ -56,12 +59,12 @@ def _native_extensions():
         sources += [f"{CSRC}/cuda/fused_step_kernel.cu", f"{CSRC}/cuda/fused_step_binding.cpp"]
         ext = cpp_extension.CUDAExtension(
             "mergopt_kernels._C", sources, include_dirs=include_dirs,
-            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS})
+            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}, extra_link_args=LINK_FLAGS)
     else:
         if torch.version.cuda is not None:
             _warn("nvcc not found (CUDA_HOME unset): building the CPU op only")
         ext = cpp_extension.CppExtension(
-            "mergopt_kernels._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": CXX_FLAGS})
+            "mergopt_kernels._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": CXX_FLAGS}, extra_link_args=LINK_FLAGS)
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
     return [ext], {"build_ext": build_ext}
 
