@@ -1,0 +1,222 @@
+// AVX2 versions of the noise stream: Philox4x32-10 on 8 counters at once and the Laplace and
+// Gaussian transforms on 8 words at once.
+//
+// Every function performs the IEEE operations of its scalar counterpart (philox.h, noise.h) in the
+// same order, without FMA (there is no FMA intrinsic here and the build uses -ffp-contract=off), so
+// each lane is bit-identical to the scalar code; csrc/tests/test_core.cpp checks that.
+//
+// The functions carry __attribute__((target("avx2"))): this header compiles in a baseline x86-64
+// translation unit, and callers must check the CPU (mergopt::simd::cpu_has_avx2()) before calling
+// into code built on it. MERGOPT_HAVE_AVX2 is 1 where this is available (GCC or Clang on x86).
+#pragma once
+
+#include "mergopt/config.h"
+#include "mergopt/noise.h"
+#include "mergopt/philox.h"
+
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__)
+#define MERGOPT_HAVE_AVX2 1
+#include <immintrin.h>
+#else
+#define MERGOPT_HAVE_AVX2 0
+#endif
+
+#if MERGOPT_HAVE_AVX2
+
+#define MERGOPT_AVX2_INLINE inline __attribute__((always_inline, target("avx2")))
+
+namespace mergopt {
+namespace simd {
+
+inline bool cpu_has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2");
+}
+
+// Eight lanes, lane j holds element group G + j (or word j of a group vector).
+struct Words8 {
+  __m256i w0, w1, w2, w3;
+};
+
+// Ten Philox rounds on eight counters (c0, c1, c2, c3) lane-wise; the output replaces them.
+// hi/lo of the 32x32 -> 64 products: _mm256_mul_epu32 multiplies the even lanes; the odd lanes
+// are shifted down and multiplied again; blends put hi and lo words back in lane order.
+MERGOPT_AVX2_INLINE void philox8(Words8& c, PhiloxKey key) {
+  const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0);
+  const __m256i m1 = _mm256_set1_epi64x(kPhiloxM1);
+  uint32_t k0 = key.k0;
+  uint32_t k1 = key.k1;
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    const __m256i p0_even = _mm256_mul_epu32(c.w0, m0);
+    const __m256i p0_odd = _mm256_mul_epu32(_mm256_srli_epi64(c.w0, 32), m0);
+    const __m256i p1_even = _mm256_mul_epu32(c.w2, m1);
+    const __m256i p1_odd = _mm256_mul_epu32(_mm256_srli_epi64(c.w2, 32), m1);
+    const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(p0_even, 32), p0_odd, 0xAA);
+    const __m256i lo0 = _mm256_blend_epi32(p0_even, _mm256_slli_epi64(p0_odd, 32), 0xAA);
+    const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(p1_even, 32), p1_odd, 0xAA);
+    const __m256i lo1 = _mm256_blend_epi32(p1_even, _mm256_slli_epi64(p1_odd, 32), 0xAA);
+    const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c.w1), _mm256_set1_epi32(static_cast<int>(k0)));
+    const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c.w3), _mm256_set1_epi32(static_cast<int>(k1)));
+    c.w0 = n0;
+    c.w1 = lo1;
+    c.w2 = n2;
+    c.w3 = lo0;
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+}
+
+// The words of the eight element groups group .. group + 7 (element_group_words lane-wise):
+// counter (G & 0xffffffff, G >> 32, step, param_id), the carry into G >> 32 included.
+MERGOPT_AVX2_INLINE Words8 element_group_words8(PhiloxKey key, uint64_t group, uint32_t step, uint32_t param_id) {
+  const __m256i base_lo = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(group)));
+  const __m256i lo = _mm256_add_epi32(base_lo, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  // lo < base_lo (unsigned) where the low word wrapped: the mask is -1 there.
+  const __m256i flip = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  const __m256i carry = _mm256_cmpgt_epi32(_mm256_xor_si256(base_lo, flip), _mm256_xor_si256(lo, flip));
+  const __m256i hi = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(group >> 32))), carry);
+  Words8 c{lo, hi, _mm256_set1_epi32(static_cast<int>(step)), _mm256_set1_epi32(static_cast<int>(param_id))};
+  philox8(c, key);
+  return c;
+}
+
+// log_unit (noise.h) on eight floats in [2**-24, 1].
+MERGOPT_AVX2_INLINE __m256 log_unit8(__m256 x) {
+  const __m256i ix0 = _mm256_add_epi32(_mm256_castps_si256(x), _mm256_set1_epi32(0x3f800000 - 0x3f3504f3));
+  const __m256i k = _mm256_sub_epi32(_mm256_srli_epi32(ix0, 23), _mm256_set1_epi32(0x7f));
+  const __m256i ix = _mm256_add_epi32(_mm256_and_si256(ix0, _mm256_set1_epi32(0x007fffff)),
+                                      _mm256_set1_epi32(0x3f3504f3));
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 f = _mm256_sub_ps(_mm256_castsi256_ps(ix), one);
+  const __m256 s = _mm256_div_ps(f, _mm256_add_ps(_mm256_set1_ps(2.0f), f));
+  const __m256 z = _mm256_mul_ps(s, s);
+  const __m256 w = _mm256_mul_ps(z, z);
+  const __m256 t1 = _mm256_mul_ps(
+      w, _mm256_add_ps(_mm256_set1_ps(0xccce13.0p-25f), _mm256_mul_ps(w, _mm256_set1_ps(0xf89e26.0p-26f))));
+  const __m256 t2 = _mm256_mul_ps(
+      z, _mm256_add_ps(_mm256_set1_ps(0xaaaaaa.0p-24f), _mm256_mul_ps(w, _mm256_set1_ps(0x91e9ee.0p-25f))));
+  const __m256 r = _mm256_add_ps(t2, t1);
+  const __m256 hfsq = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), f), f);
+  const __m256 dk = _mm256_cvtepi32_ps(k);
+  __m256 out = _mm256_mul_ps(s, _mm256_add_ps(hfsq, r));
+  out = _mm256_add_ps(out, _mm256_mul_ps(dk, _mm256_set1_ps(9.0580006145e-06f)));
+  out = _mm256_sub_ps(out, hfsq);
+  out = _mm256_add_ps(out, f);
+  return _mm256_add_ps(out, _mm256_mul_ps(dk, _mm256_set1_ps(6.9313812256e-01f)));
+}
+
+// laplace_from_word on eight words.
+MERGOPT_AVX2_INLINE __m256 laplace8(__m256i word, __m256 loc, __m256 scale) {
+  const __m256i centred =
+      _mm256_sub_epi32(_mm256_slli_epi32(_mm256_srli_epi32(word, 8), 1), _mm256_set1_epi32((1 << 24) - 1));
+  const __m256 d = _mm256_mul_ps(_mm256_cvtepi32_ps(centred), _mm256_set1_ps(0x1.0p-25f));
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 abs_d = _mm256_andnot_ps(sign, d);
+  const __m256 e = log_unit8(_mm256_sub_ps(_mm256_set1_ps(1.0f), _mm256_mul_ps(_mm256_set1_ps(2.0f), abs_d)));
+  // d is never zero (centred is odd): d < 0 is its sign bit, and -e flips e's sign bit.
+  const __m256 signed_e = _mm256_xor_ps(e, _mm256_and_ps(d, sign));
+  return _mm256_sub_ps(loc, _mm256_mul_ps(scale, signed_e));
+}
+
+// sincos_small on four doubles (the float angles widened); the results rounded to float.
+MERGOPT_AVX2_INLINE void sincos4(__m256d x, __m128& sin_out, __m128& cos_out) {
+  const __m128i q = _mm256_cvttpd_epi32(_mm256_add_pd(_mm256_mul_pd(x, _mm256_set1_pd(6.36619772367581382433e-01)),
+                                                      _mm256_set1_pd(0.5)));
+  const __m256d qd = _mm256_cvtepi32_pd(q);
+  const __m256d y = _mm256_sub_pd(_mm256_sub_pd(x, _mm256_mul_pd(qd, _mm256_set1_pd(1.57079631090164184570e+00))),
+                                  _mm256_mul_pd(qd, _mm256_set1_pd(1.58932547735281966916e-08)));
+  const __m256d z = _mm256_mul_pd(y, y);
+  const __m256d w = _mm256_mul_pd(z, z);
+  const __m256d zy = _mm256_mul_pd(z, y);
+  const __m256d s1 = _mm256_set1_pd(-0x15555554cbac77.0p-55);
+  const __m256d s2 = _mm256_set1_pd(0x111110896efbb2.0p-59);
+  const __m256d s3 = _mm256_set1_pd(-0x1a00f9e2cae774.0p-65);
+  const __m256d s4 = _mm256_set1_pd(0x16cd878c3b46a7.0p-71);
+  const __m256d c0 = _mm256_set1_pd(-0x1ffffffd0c5e81.0p-54);
+  const __m256d c1 = _mm256_set1_pd(0x155553e1053a42.0p-57);
+  const __m256d c2 = _mm256_set1_pd(-0x16c087e80f1e27.0p-62);
+  const __m256d c3 = _mm256_set1_pd(0x199342e0ee5069.0p-68);
+  const __m256d sin_y =
+      _mm256_add_pd(_mm256_add_pd(y, _mm256_mul_pd(zy, _mm256_add_pd(s1, _mm256_mul_pd(z, s2)))),
+                    _mm256_mul_pd(_mm256_mul_pd(zy, w), _mm256_add_pd(s3, _mm256_mul_pd(z, s4))));
+  const __m256d cos_y = _mm256_add_pd(
+      _mm256_add_pd(_mm256_add_pd(_mm256_set1_pd(1.0), _mm256_mul_pd(z, c0)), _mm256_mul_pd(w, c1)),
+      _mm256_mul_pd(_mm256_mul_pd(w, z), _mm256_add_pd(c2, _mm256_mul_pd(z, c3))));
+  const __m256i quadrant = _mm256_cvtepi32_epi64(_mm_and_si128(q, _mm_set1_epi32(3)));
+  const __m256i odd = _mm256_cmpeq_epi64(_mm256_and_si256(quadrant, _mm256_set1_epi64x(1)), _mm256_set1_epi64x(1));
+  const __m256d s = _mm256_blendv_pd(sin_y, cos_y, _mm256_castsi256_pd(odd));
+  const __m256d c = _mm256_blendv_pd(cos_y, sin_y, _mm256_castsi256_pd(odd));
+  // Sign bits: bit 1 of quadrant (sin) and of quadrant + 1 (cos), moved to bit 63.
+  const __m256i two = _mm256_set1_epi64x(2);
+  const __m256i sin_sign = _mm256_slli_epi64(_mm256_and_si256(quadrant, two), 62);
+  const __m256i cos_sign =
+      _mm256_slli_epi64(_mm256_and_si256(_mm256_add_epi64(quadrant, _mm256_set1_epi64x(1)), two), 62);
+  sin_out = _mm256_cvtpd_ps(_mm256_xor_pd(s, _mm256_castsi256_pd(sin_sign)));
+  cos_out = _mm256_cvtpd_ps(_mm256_xor_pd(c, _mm256_castsi256_pd(cos_sign)));
+}
+
+// gaussian_from_words on eight word pairs (wa, wb): the first and second values of each pair.
+MERGOPT_AVX2_INLINE void gaussian8(__m256i wa, __m256i wb, __m256 loc, __m256 scale, __m256& first,
+                                   __m256& second) {
+  const __m256 unit = _mm256_set1_ps(0x1.0p-24f);
+  const __m256 u1 =
+      _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_srli_epi32(wa, 8), _mm256_set1_epi32(1))), unit);
+  const __m256 u2 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(wb, 8)), unit);
+  const __m256 radius = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), log_unit8(u1)));
+  const __m256 angle = _mm256_mul_ps(_mm256_set1_ps(6.28318530717958647692f), u2);
+  __m128 sin_lo, cos_lo, sin_hi, cos_hi;
+  sincos4(_mm256_cvtps_pd(_mm256_castps256_ps128(angle)), sin_lo, cos_lo);
+  sincos4(_mm256_cvtps_pd(_mm256_extractf128_ps(angle, 1)), sin_hi, cos_hi);
+  const __m256 sin_a = _mm256_insertf128_ps(_mm256_castps128_ps256(sin_lo), sin_hi, 1);
+  const __m256 cos_a = _mm256_insertf128_ps(_mm256_castps128_ps256(cos_lo), cos_hi, 1);
+  first = _mm256_add_ps(loc, _mm256_mul_ps(scale, _mm256_mul_ps(radius, cos_a)));
+  second = _mm256_add_ps(loc, _mm256_mul_ps(scale, _mm256_mul_ps(radius, sin_a)));
+}
+
+// Four lane-per-group vectors (value k of group G + j in v[k] lane j) to element order:
+// out[m] holds elements 8m .. 8m + 7 of the 32 elements of the eight groups.
+MERGOPT_AVX2_INLINE void groups_to_elements8(const __m256 v[4], __m256 out[4]) {
+  const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]);  // a0 b0 a1 b1 | a4 b4 a5 b5
+  const __m256 t1 = _mm256_unpackhi_ps(v[0], v[1]);  // a2 b2 a3 b3 | a6 b6 a7 b7
+  const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]);
+  const __m256 t3 = _mm256_unpackhi_ps(v[2], v[3]);
+  const __m256 g04 = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(t0), _mm256_castps_pd(t2)));
+  const __m256 g15 = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(t0), _mm256_castps_pd(t2)));
+  const __m256 g26 = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(t1), _mm256_castps_pd(t3)));
+  const __m256 g37 = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(t1), _mm256_castps_pd(t3)));
+  out[0] = _mm256_permute2f128_ps(g04, g15, 0x20);
+  out[1] = _mm256_permute2f128_ps(g26, g37, 0x20);
+  out[2] = _mm256_permute2f128_ps(g04, g15, 0x31);
+  out[3] = _mm256_permute2f128_ps(g26, g37, 0x31);
+}
+
+// The noise z of the 32 elements of groups group .. group + 7, in element order, times `factor`
+// (the step scale; scalar code: factor * noise_from_words(...)). out must hold 32 floats.
+MERGOPT_AVX2_INLINE void scaled_noise32(float* out, PhiloxKey key, uint64_t group, uint32_t step,
+                                        uint32_t param_id, Distribution dist, float loc, float scale,
+                                        float factor) {
+  const Words8 w = element_group_words8(key, group, step, param_id);
+  const __m256 loc8 = _mm256_set1_ps(loc);
+  const __m256 scale8 = _mm256_set1_ps(scale);
+  const __m256 factor8 = _mm256_set1_ps(factor);
+  __m256 z[4];
+  if (dist == Distribution::kGaussian) {
+    gaussian8(w.w0, w.w1, loc8, scale8, z[0], z[1]);
+    gaussian8(w.w2, w.w3, loc8, scale8, z[2], z[3]);
+  } else {
+    z[0] = laplace8(w.w0, loc8, scale8);
+    z[1] = laplace8(w.w1, loc8, scale8);
+    z[2] = laplace8(w.w2, loc8, scale8);
+    z[3] = laplace8(w.w3, loc8, scale8);
+  }
+  __m256 e[4];
+  groups_to_elements8(z, e);
+  for (int m = 0; m < 4; ++m) _mm256_storeu_ps(out + 8 * m, _mm256_mul_ps(factor8, e[m]));
+}
+
+}  // namespace simd
+}  // namespace mergopt
+
+#undef MERGOPT_AVX2_INLINE
+
+#endif  // MERGOPT_HAVE_AVX2
