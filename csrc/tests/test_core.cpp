@@ -201,7 +201,7 @@ void test_adamw_against_double() {
 // The AVX2 stream against the scalar one, lane by lane and bit for bit: Philox words for groups
 // around the 2**32 boundary of G (the carry into counter word c1) and random groups; the noise
 // of every input word class (all 2**24 Laplace inputs w >> 8, Gaussian on random pairs plus the
-// extreme words), and the element order of scaled_noise32.
+// extreme words), and the element order of scaled_noise8.
 // Compares the 8 lanes of element_group_words8 at group g with the scalar words; counts mismatches.
 __attribute__((target("avx2"))) void check_groups8(mergopt::PhiloxKey key, uint64_t g, uint32_t step,
                                                    uint32_t param_id, int& word_mismatches) {
@@ -292,22 +292,26 @@ __attribute__((target("avx2"))) void test_avx2_matches_scalar() {
   }
   EXPECT(noise_mismatches == 0, "%d noise mismatches", noise_mismatches);
 
-  // scaled_noise32: element 4 (G - g) + k is factor * noise of word k of group G.
+  // scaled_noise8<B>: element 4 (G - g) + k is factor * noise of word k of group G, for one
+  // block and for the four interleaved blocks of the fused step (the 2**32 carry inside them).
   for (int dist = 0; dist < 2; ++dist) {
     const auto d = static_cast<mergopt::Distribution>(dist);
-    for (uint64_t g : {0ull, 0xfffffffcull, 12345678901ull}) {
-      float out[32];
-      mergopt::simd::scaled_noise32(out, key, g, 5, 9, d, 0.25f, 5e-4f, -0.75f);
-      for (int j = 0; j < 8; ++j) {
+    for (uint64_t g : {0ull, 0xfffffffcull, 0xffffffeeull, 12345678901ull}) {
+      float one[32];
+      float four[128];
+      mergopt::simd::scaled_noise32(one, key, g, 5, 9, d, 0.25f, 5e-4f, -0.75f);
+      mergopt::simd::scaled_noise8<4>(four, key, g, 5, 9, d, 0.25f, 5e-4f, -0.75f);
+      for (int j = 0; j < 32; ++j) {
         uint32_t w[4];
         float z[4];
         mergopt::element_group_words(key, g + j, 5, 9, w[0], w[1], w[2], w[3]);
         mergopt::noise_from_words(d, w[0], w[1], w[2], w[3], 0.25f, 5e-4f, z);
         for (int k = 0; k < 4; ++k) {
-          const float expected = -0.75f * z[k];
-          EXPECT(mergopt::float_to_bits(out[4 * j + k]) == mergopt::float_to_bits(expected),
-                 "scaled_noise32 dist %d group %llx element %d: %a != %a", dist,
-                 static_cast<unsigned long long>(g), 4 * j + k, out[4 * j + k], expected);
+          const uint32_t expected = mergopt::float_to_bits(-0.75f * z[k]);
+          EXPECT(mergopt::float_to_bits(four[4 * j + k]) == expected && (j >= 8 || mergopt::float_to_bits(one[4 * j + k]) == expected),
+                 "scaled_noise8 dist %d group %llx element %d: %a, %a != %a", dist,
+                 static_cast<unsigned long long>(g), 4 * j + k, four[4 * j + k], j < 8 ? one[4 * j + k] : 0.0f,
+                 -0.75f * z[k]);
         }
       }
     }
@@ -408,19 +412,22 @@ MERGOPT_TEST_AVX512 void test_avx512_matches_scalar() {
 
   for (int dist = 0; dist < 2; ++dist) {
     const auto d = static_cast<mergopt::Distribution>(dist);
-    for (uint64_t g : {0ull, 0xfffffff8ull, 12345678901ull}) {
-      float out[64];
-      mergopt::simd::scaled_noise64(out, key, g, 5, 9, d, 0.25f, 5e-4f, -0.75f);
-      for (int j = 0; j < 16; ++j) {
+    for (uint64_t g : {0ull, 0xfffffff8ull, 0xffffffdaull, 12345678901ull}) {
+      float one[64];
+      float four[256];
+      mergopt::simd::scaled_noise64(one, key, g, 5, 9, d, 0.25f, 5e-4f, -0.75f);
+      mergopt::simd::scaled_noise16<4>(four, key, g, 5, 9, d, 0.25f, 5e-4f, -0.75f);
+      for (int j = 0; j < 64; ++j) {
         uint32_t w[4];
         float z[4];
         mergopt::element_group_words(key, g + j, 5, 9, w[0], w[1], w[2], w[3]);
         mergopt::noise_from_words(d, w[0], w[1], w[2], w[3], 0.25f, 5e-4f, z);
         for (int k = 0; k < 4; ++k) {
-          const float expected = -0.75f * z[k];
-          EXPECT(mergopt::float_to_bits(out[4 * j + k]) == mergopt::float_to_bits(expected),
-                 "scaled_noise64 dist %d group %llx element %d: %a != %a", dist,
-                 static_cast<unsigned long long>(g), 4 * j + k, out[4 * j + k], expected);
+          const uint32_t expected = mergopt::float_to_bits(-0.75f * z[k]);
+          EXPECT(mergopt::float_to_bits(four[4 * j + k]) == expected && (j >= 16 || mergopt::float_to_bits(one[4 * j + k]) == expected),
+                 "scaled_noise16 dist %d group %llx element %d: %a, %a != %a", dist,
+                 static_cast<unsigned long long>(g), 4 * j + k, four[4 * j + k], j < 16 ? one[4 * j + k] : 0.0f,
+                 -0.75f * z[k]);
         }
       }
     }

@@ -38,46 +38,55 @@ struct Words8 {
   __m256i w0, w1, w2, w3;
 };
 
-// Ten Philox rounds on eight counters (c0, c1, c2, c3) lane-wise; the output replaces them.
-// hi/lo of the 32x32 -> 64 products: _mm256_mul_epu32 multiplies the even lanes; the odd lanes
-// are shifted down and multiplied again; blends put hi and lo words back in lane order.
-MERGOPT_AVX2_INLINE void philox8(Words8& c, PhiloxKey key) {
+// Ten Philox rounds on kBlocks x eight counters lane-wise; the output replaces them. hi/lo of the
+// 32x32 -> 64 products: _mm256_mul_epu32 multiplies the even lanes; the odd lanes are shifted down
+// and multiplied again; blends put hi and lo words back in lane order. The blocks are independent:
+// interleaving them gives the out-of-order core several multiply chains at once.
+template <int kBlocks>
+MERGOPT_AVX2_INLINE void philox8(Words8 (&c)[kBlocks], PhiloxKey key) {
   const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0);
   const __m256i m1 = _mm256_set1_epi64x(kPhiloxM1);
   uint32_t k0 = key.k0;
   uint32_t k1 = key.k1;
   for (int round = 0; round < kPhiloxRounds; ++round) {
-    const __m256i p0_even = _mm256_mul_epu32(c.w0, m0);
-    const __m256i p0_odd = _mm256_mul_epu32(_mm256_srli_epi64(c.w0, 32), m0);
-    const __m256i p1_even = _mm256_mul_epu32(c.w2, m1);
-    const __m256i p1_odd = _mm256_mul_epu32(_mm256_srli_epi64(c.w2, 32), m1);
-    const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(p0_even, 32), p0_odd, 0xAA);
-    const __m256i lo0 = _mm256_blend_epi32(p0_even, _mm256_slli_epi64(p0_odd, 32), 0xAA);
-    const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(p1_even, 32), p1_odd, 0xAA);
-    const __m256i lo1 = _mm256_blend_epi32(p1_even, _mm256_slli_epi64(p1_odd, 32), 0xAA);
-    const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c.w1), _mm256_set1_epi32(static_cast<int>(k0)));
-    const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c.w3), _mm256_set1_epi32(static_cast<int>(k1)));
-    c.w0 = n0;
-    c.w1 = lo1;
-    c.w2 = n2;
-    c.w3 = lo0;
+    const __m256i key0 = _mm256_set1_epi32(static_cast<int>(k0));
+    const __m256i key1 = _mm256_set1_epi32(static_cast<int>(k1));
+    for (int b = 0; b < kBlocks; ++b) {
+      const __m256i p0_even = _mm256_mul_epu32(c[b].w0, m0);
+      const __m256i p0_odd = _mm256_mul_epu32(_mm256_srli_epi64(c[b].w0, 32), m0);
+      const __m256i p1_even = _mm256_mul_epu32(c[b].w2, m1);
+      const __m256i p1_odd = _mm256_mul_epu32(_mm256_srli_epi64(c[b].w2, 32), m1);
+      const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(p0_even, 32), p0_odd, 0xAA);
+      const __m256i lo0 = _mm256_blend_epi32(p0_even, _mm256_slli_epi64(p0_odd, 32), 0xAA);
+      const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(p1_even, 32), p1_odd, 0xAA);
+      const __m256i lo1 = _mm256_blend_epi32(p1_even, _mm256_slli_epi64(p1_odd, 32), 0xAA);
+      c[b].w0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c[b].w1), key0);
+      c[b].w1 = lo1;
+      c[b].w2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c[b].w3), key1);
+      c[b].w3 = lo0;
+    }
     k0 += kPhiloxW0;
     k1 += kPhiloxW1;
   }
 }
 
-// The words of the eight element groups group .. group + 7 (element_group_words lane-wise):
-// counter (G & 0xffffffff, G >> 32, step, param_id), the carry into G >> 32 included.
-MERGOPT_AVX2_INLINE Words8 element_group_words8(PhiloxKey key, uint64_t group, uint32_t step, uint32_t param_id) {
+// The counters of the eight element groups group .. group + 7: (G & 0xffffffff, G >> 32, step,
+// param_id), the carry into G >> 32 included.
+MERGOPT_AVX2_INLINE Words8 group_counters8(uint64_t group, uint32_t step, uint32_t param_id) {
   const __m256i base_lo = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(group)));
   const __m256i lo = _mm256_add_epi32(base_lo, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   // lo < base_lo (unsigned) where the low word wrapped: the mask is -1 there.
   const __m256i flip = _mm256_set1_epi32(static_cast<int>(0x80000000u));
   const __m256i carry = _mm256_cmpgt_epi32(_mm256_xor_si256(base_lo, flip), _mm256_xor_si256(lo, flip));
   const __m256i hi = _mm256_sub_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(group >> 32))), carry);
-  Words8 c{lo, hi, _mm256_set1_epi32(static_cast<int>(step)), _mm256_set1_epi32(static_cast<int>(param_id))};
+  return Words8{lo, hi, _mm256_set1_epi32(static_cast<int>(step)), _mm256_set1_epi32(static_cast<int>(param_id))};
+}
+
+// The words of the eight element groups group .. group + 7 (element_group_words lane-wise).
+MERGOPT_AVX2_INLINE Words8 element_group_words8(PhiloxKey key, uint64_t group, uint32_t step, uint32_t param_id) {
+  Words8 c[1] = {group_counters8(group, step, param_id)};
   philox8(c, key);
-  return c;
+  return c[0];
 }
 
 // log_unit (noise.h) on eight floats in [2**-24, 1].
@@ -105,16 +114,19 @@ MERGOPT_AVX2_INLINE __m256 log_unit8(__m256 x) {
   return _mm256_add_ps(out, _mm256_mul_ps(dk, _mm256_set1_ps(6.9313812256e-01f)));
 }
 
-// laplace_from_word on eight words.
+// laplace_from_word on eight words, with exact integer shortcuts of the scalar steps: with
+// h = w >> 8 and c = 2h - (2**24 - 1), x = 1 - 2|d| = (2**24 - |c|) 2**-24 exactly, and
+// 2**24 - |c| = 2 (h' & 0x7fffff) + 1 where h' is h with its bits flipped when w >= 2**31;
+// d < 0 exactly when bit 31 of w is clear.
 MERGOPT_AVX2_INLINE __m256 laplace8(__m256i word, __m256 loc, __m256 scale) {
-  const __m256i centred =
-      _mm256_sub_epi32(_mm256_slli_epi32(_mm256_srli_epi32(word, 8), 1), _mm256_set1_epi32((1 << 24) - 1));
-  const __m256 d = _mm256_mul_ps(_mm256_cvtepi32_ps(centred), _mm256_set1_ps(0x1.0p-25f));
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  const __m256 abs_d = _mm256_andnot_ps(sign, d);
-  const __m256 e = log_unit8(_mm256_sub_ps(_mm256_set1_ps(1.0f), _mm256_mul_ps(_mm256_set1_ps(2.0f), abs_d)));
-  // d is never zero (centred is odd): d < 0 is its sign bit, and -e flips e's sign bit.
-  const __m256 signed_e = _mm256_xor_ps(e, _mm256_and_ps(d, sign));
+  const __m256i flipped = _mm256_xor_si256(word, _mm256_srai_epi32(word, 31));
+  const __m256i xi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(flipped, 7), _mm256_set1_epi32(0xfffffe)),
+                                     _mm256_set1_epi32(1));
+  const __m256 e = log_unit8(_mm256_mul_ps(_mm256_cvtepi32_ps(xi), _mm256_set1_ps(0x1.0p-24f)));
+  // d < 0 ? -e : e: the sign bit flipped where bit 31 of w is clear.
+  const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  const __m256 signed_e =
+      _mm256_castsi256_ps(_mm256_xor_si256(_mm256_castps_si256(e), _mm256_andnot_si256(word, sign)));
   return _mm256_sub_ps(loc, _mm256_mul_ps(scale, signed_e));
 }
 
@@ -190,28 +202,39 @@ MERGOPT_AVX2_INLINE void groups_to_elements8(const __m256 v[4], __m256 out[4]) {
   out[3] = _mm256_permute2f128_ps(g26, g37, 0x31);
 }
 
-// The noise z of the 32 elements of groups group .. group + 7, in element order, times `factor`
-// (the step scale; scalar code: factor * noise_from_words(...)). out must hold 32 floats.
-MERGOPT_AVX2_INLINE void scaled_noise32(float* out, PhiloxKey key, uint64_t group, uint32_t step,
-                                        uint32_t param_id, Distribution dist, float loc, float scale,
-                                        float factor) {
-  const Words8 w = element_group_words8(key, group, step, param_id);
+// The noise z of the 32 * kBlocks elements of groups group .. group + 8 kBlocks - 1, in element
+// order, times `factor` (the step scale; scalar code: factor * noise_from_words(...)).
+template <int kBlocks>
+MERGOPT_AVX2_INLINE void scaled_noise8(float* out, PhiloxKey key, uint64_t group, uint32_t step, uint32_t param_id,
+                                      Distribution dist, float loc, float scale, float factor) {
+  Words8 w[kBlocks];
+  for (int b = 0; b < kBlocks; ++b) w[b] = group_counters8(group + 8 * b, step, param_id);
+  philox8(w, key);
   const __m256 loc8 = _mm256_set1_ps(loc);
   const __m256 scale8 = _mm256_set1_ps(scale);
   const __m256 factor8 = _mm256_set1_ps(factor);
-  __m256 z[4];
-  if (dist == Distribution::kGaussian) {
-    gaussian8(w.w0, w.w1, loc8, scale8, z[0], z[1]);
-    gaussian8(w.w2, w.w3, loc8, scale8, z[2], z[3]);
-  } else {
-    z[0] = laplace8(w.w0, loc8, scale8);
-    z[1] = laplace8(w.w1, loc8, scale8);
-    z[2] = laplace8(w.w2, loc8, scale8);
-    z[3] = laplace8(w.w3, loc8, scale8);
+  for (int b = 0; b < kBlocks; ++b) {
+    __m256 z[4];
+    if (dist == Distribution::kGaussian) {
+      gaussian8(w[b].w0, w[b].w1, loc8, scale8, z[0], z[1]);
+      gaussian8(w[b].w2, w[b].w3, loc8, scale8, z[2], z[3]);
+    } else {
+      z[0] = laplace8(w[b].w0, loc8, scale8);
+      z[1] = laplace8(w[b].w1, loc8, scale8);
+      z[2] = laplace8(w[b].w2, loc8, scale8);
+      z[3] = laplace8(w[b].w3, loc8, scale8);
+    }
+    __m256 e[4];
+    groups_to_elements8(z, e);
+    for (int m = 0; m < 4; ++m) _mm256_storeu_ps(out + 32 * b + 8 * m, _mm256_mul_ps(factor8, e[m]));
   }
-  __m256 e[4];
-  groups_to_elements8(z, e);
-  for (int m = 0; m < 4; ++m) _mm256_storeu_ps(out + 8 * m, _mm256_mul_ps(factor8, e[m]));
+}
+
+// scaled_noise8 for one block of eight groups: out must hold 32 floats.
+MERGOPT_AVX2_INLINE void scaled_noise32(float* out, PhiloxKey key, uint64_t group, uint32_t step,
+                                        uint32_t param_id, Distribution dist, float loc, float scale,
+                                        float factor) {
+  scaled_noise8<1>(out, key, group, step, param_id, dist, loc, scale, factor);
 }
 
 }  // namespace simd

@@ -53,41 +53,52 @@ MERGOPT_AVX512_INLINE void mul_hi_lo16(__m512i a, __m512i m, __m512i& hi, __m512
   lo = _mm512_mask_shuffle_epi32(even, 0xAAAA, odd, _MM_PERM_CCAA);   // odd lanes <- lo words of odd
 }
 
-// Ten Philox rounds on sixteen counters lane-wise; the output replaces them.
-MERGOPT_AVX512_INLINE void philox16(Words16& c, PhiloxKey key) {
+// Ten Philox rounds on kBlocks x sixteen counters lane-wise; the output replaces them. The blocks
+// are independent: interleaving them gives the out-of-order core several multiply chains at once.
+template <int kBlocks>
+MERGOPT_AVX512_INLINE void philox16(Words16 (&c)[kBlocks], PhiloxKey key) {
   const __m512i m0 = _mm512_set1_epi64(kPhiloxM0);
   const __m512i m1 = _mm512_set1_epi64(kPhiloxM1);
   uint32_t k0 = key.k0;
   uint32_t k1 = key.k1;
   for (int round = 0; round < kPhiloxRounds; ++round) {
-    __m512i hi0, lo0, hi1, lo1;
-    mul_hi_lo16(c.w0, m0, hi0, lo0);
-    mul_hi_lo16(c.w2, m1, hi1, lo1);
-    // 0x96: three-way exclusive or.
-    const __m512i n0 = _mm512_ternarylogic_epi32(hi1, c.w1, _mm512_set1_epi32(static_cast<int>(k0)), 0x96);
-    const __m512i n2 = _mm512_ternarylogic_epi32(hi0, c.w3, _mm512_set1_epi32(static_cast<int>(k1)), 0x96);
-    c.w0 = n0;
-    c.w1 = lo1;
-    c.w2 = n2;
-    c.w3 = lo0;
+    const __m512i key0 = _mm512_set1_epi32(static_cast<int>(k0));
+    const __m512i key1 = _mm512_set1_epi32(static_cast<int>(k1));
+    for (int b = 0; b < kBlocks; ++b) {
+      __m512i hi0, lo0, hi1, lo1;
+      mul_hi_lo16(c[b].w0, m0, hi0, lo0);
+      mul_hi_lo16(c[b].w2, m1, hi1, lo1);
+      // 0x96: three-way exclusive or.
+      const __m512i n0 = _mm512_ternarylogic_epi32(hi1, c[b].w1, key0, 0x96);
+      const __m512i n2 = _mm512_ternarylogic_epi32(hi0, c[b].w3, key1, 0x96);
+      c[b].w0 = n0;
+      c[b].w1 = lo1;
+      c[b].w2 = n2;
+      c[b].w3 = lo0;
+    }
     k0 += kPhiloxW0;
     k1 += kPhiloxW1;
   }
 }
 
-// The words of the sixteen element groups group .. group + 15 (element_group_words lane-wise):
-// counter (G & 0xffffffff, G >> 32, step, param_id), the carry into G >> 32 included.
-MERGOPT_AVX512_INLINE Words16 element_group_words16(PhiloxKey key, uint64_t group, uint32_t step,
-                                                   uint32_t param_id) {
+// The counters of the sixteen element groups group .. group + 15: (G & 0xffffffff, G >> 32,
+// step, param_id), the carry into G >> 32 included.
+MERGOPT_AVX512_INLINE Words16 group_counters16(uint64_t group, uint32_t step, uint32_t param_id) {
   const __m512i base_lo = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(group)));
   const __m512i lo =
       _mm512_add_epi32(base_lo, _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
   const __mmask16 carry = _mm512_cmplt_epu32_mask(lo, base_lo);  // the low word wrapped
   const __m512i hi0 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(group >> 32)));
   const __m512i hi = _mm512_mask_add_epi32(hi0, carry, hi0, _mm512_set1_epi32(1));
-  Words16 c{lo, hi, _mm512_set1_epi32(static_cast<int>(step)), _mm512_set1_epi32(static_cast<int>(param_id))};
+  return Words16{lo, hi, _mm512_set1_epi32(static_cast<int>(step)), _mm512_set1_epi32(static_cast<int>(param_id))};
+}
+
+// The words of the sixteen element groups group .. group + 15 (element_group_words lane-wise).
+MERGOPT_AVX512_INLINE Words16 element_group_words16(PhiloxKey key, uint64_t group, uint32_t step,
+                                                   uint32_t param_id) {
+  Words16 c[1] = {group_counters16(group, step, param_id)};
   philox16(c, key);
-  return c;
+  return c[0];
 }
 
 // log_unit (noise.h) on sixteen floats in [2**-24, 1].
@@ -114,18 +125,19 @@ MERGOPT_AVX512_INLINE __m512 log_unit16(__m512 x) {
   return _mm512_add_ps(out, _mm512_mul_ps(dk, _mm512_set1_ps(6.9313812256e-01f)));
 }
 
-// laplace_from_word on sixteen words.
+// laplace_from_word on sixteen words, with exact integer shortcuts of the scalar steps: with
+// h = w >> 8 and c = 2h - (2**24 - 1), x = 1 - 2|d| = (2**24 - |c|) 2**-24 exactly, and
+// 2**24 - |c| = 2 (h' & 0x7fffff) + 1 where h' is h with its bits flipped when w >= 2**31;
+// d < 0 exactly when bit 31 of w is clear.
 MERGOPT_AVX512_INLINE __m512 laplace16(__m512i word, __m512 loc, __m512 scale) {
-  const __m512i centred =
-      _mm512_sub_epi32(_mm512_slli_epi32(_mm512_srli_epi32(word, 8), 1), _mm512_set1_epi32((1 << 24) - 1));
-  const __m512 d = _mm512_mul_ps(_mm512_cvtepi32_ps(centred), _mm512_set1_ps(0x1.0p-25f));
-  const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
-  const __m512 abs_d = _mm512_castsi512_ps(_mm512_andnot_si512(sign, _mm512_castps_si512(d)));
-  const __m512 e = log_unit16(_mm512_sub_ps(_mm512_set1_ps(1.0f), _mm512_mul_ps(_mm512_set1_ps(2.0f), abs_d)));
-  // d is never zero (centred is odd): d < 0 is its sign bit, and -e flips e's sign bit.
-  // 0x78: A ^ (B & C).
-  const __m512 signed_e = _mm512_castsi512_ps(
-      _mm512_ternarylogic_epi32(_mm512_castps_si512(e), _mm512_castps_si512(d), sign, 0x78));
+  const __m512i flipped = _mm512_xor_si512(word, _mm512_srai_epi32(word, 31));
+  // 0xEA: (A & B) | C.
+  const __m512i xi = _mm512_ternarylogic_epi32(_mm512_srli_epi32(flipped, 7), _mm512_set1_epi32(0xfffffe),
+                                               _mm512_set1_epi32(1), 0xEA);
+  const __m512 e = log_unit16(_mm512_mul_ps(_mm512_cvtepi32_ps(xi), _mm512_set1_ps(0x1.0p-24f)));
+  // d < 0 ? -e : e, the sign bit flipped where bit 31 of w is clear. 0xD2: A ^ (~B & C).
+  const __m512 signed_e = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(
+      _mm512_castps_si512(e), word, _mm512_set1_epi32(static_cast<int>(0x80000000u)), 0xD2));
   return _mm512_sub_ps(loc, _mm512_mul_ps(scale, signed_e));
 }
 
@@ -206,28 +218,44 @@ MERGOPT_AVX512_INLINE void groups_to_elements16(const __m512 v[4], __m512 out[4]
   out[3] = _mm512_shuffle_f32x4(ab23, cd23, _MM_SHUFFLE(3, 1, 3, 1));
 }
 
-// The noise z of the 64 elements of groups group .. group + 15, in element order, times `factor`
-// (the step scale; scalar code: factor * noise_from_words(...)). out must hold 64 floats.
-MERGOPT_AVX512_INLINE void scaled_noise64(float* out, PhiloxKey key, uint64_t group, uint32_t step,
-                                          uint32_t param_id, Distribution dist, float loc, float scale,
-                                          float factor) {
-  const Words16 w = element_group_words16(key, group, step, param_id);
+// The noise z of the 64 * kBlocks elements of groups group .. group + 16 kBlocks - 1, in element
+// order, times `factor` (the step scale; scalar code: factor * noise_from_words(...)).
+template <int kBlocks>
+MERGOPT_AVX512_INLINE void scaled_noise16(float* out, PhiloxKey key, uint64_t group, uint32_t step,
+                                        uint32_t param_id, Distribution dist, float loc, float scale,
+                                        float factor) {
+  Words16 w[kBlocks];
+  for (int b = 0; b < kBlocks; ++b) w[b] = group_counters16(group + 16 * b, step, param_id);
+  philox16(w, key);
   const __m512 loc16 = _mm512_set1_ps(loc);
   const __m512 scale16 = _mm512_set1_ps(scale);
   const __m512 factor16 = _mm512_set1_ps(factor);
-  __m512 z[4];
+  __m512 z[kBlocks][4];
   if (dist == Distribution::kGaussian) {
-    gaussian16(w.w0, w.w1, loc16, scale16, z[0], z[1]);
-    gaussian16(w.w2, w.w3, loc16, scale16, z[2], z[3]);
+    for (int b = 0; b < kBlocks; ++b) {
+      gaussian16(w[b].w0, w[b].w1, loc16, scale16, z[b][0], z[b][1]);
+      gaussian16(w[b].w2, w[b].w3, loc16, scale16, z[b][2], z[b][3]);
+    }
   } else {
-    z[0] = laplace16(w.w0, loc16, scale16);
-    z[1] = laplace16(w.w1, loc16, scale16);
-    z[2] = laplace16(w.w2, loc16, scale16);
-    z[3] = laplace16(w.w3, loc16, scale16);
+    for (int b = 0; b < kBlocks; ++b) {
+      z[b][0] = laplace16(w[b].w0, loc16, scale16);
+      z[b][1] = laplace16(w[b].w1, loc16, scale16);
+      z[b][2] = laplace16(w[b].w2, loc16, scale16);
+      z[b][3] = laplace16(w[b].w3, loc16, scale16);
+    }
   }
-  __m512 e[4];
-  groups_to_elements16(z, e);
-  for (int m = 0; m < 4; ++m) _mm512_storeu_ps(out + 16 * m, _mm512_mul_ps(factor16, e[m]));
+  for (int b = 0; b < kBlocks; ++b) {
+    __m512 e[4];
+    groups_to_elements16(z[b], e);
+    for (int m = 0; m < 4; ++m) _mm512_storeu_ps(out + 64 * b + 16 * m, _mm512_mul_ps(factor16, e[m]));
+  }
+}
+
+// scaled_noise16 for one block of sixteen groups: out must hold 64 floats.
+MERGOPT_AVX512_INLINE void scaled_noise64(float* out, PhiloxKey key, uint64_t group, uint32_t step,
+                                          uint32_t param_id, Distribution dist, float loc, float scale,
+                                          float factor) {
+  scaled_noise16<1>(out, key, group, step, param_id, dist, loc, scale, factor);
 }
 
 }  // namespace simd
