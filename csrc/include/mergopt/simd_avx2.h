@@ -38,28 +38,32 @@ struct Words8 {
   __m256i w0, w1, w2, w3;
 };
 
-// Ten Philox rounds on kBlocks x eight counters lane-wise; the output replaces them. hi/lo of the
-// 32x32 -> 64 products: _mm256_mul_epu32 multiplies the even lanes; the odd lanes are shifted down
-// and multiplied again; blends put hi and lo words back in lane order. The blocks are independent:
-// interleaving them gives the out-of-order core several multiply chains at once.
+// hi and lo words of the 32x32 -> 64 products a * m lane-wise (m: the multiplier in every 64-bit
+// lane). _mm256_mul_epu32 multiplies the even lanes; the odd lanes are shifted down and multiplied
+// again; blends put hi and lo words back in lane order.
+MERGOPT_AVX2_INLINE void mul_hi_lo8(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
+  const __m256i even = _mm256_mul_epu32(a, m);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+}
+
+// Ten Philox rounds on kBlocks x eight counters lane-wise; the output replaces them. The blocks are
+// independent: interleaving them gives the out-of-order core several multiply chains at once.
+// Rounds first_round .. 9 only, when given first_round (the earlier ones done by the caller).
 template <int kBlocks>
-MERGOPT_AVX2_INLINE void philox8(Words8 (&c)[kBlocks], PhiloxKey key) {
+MERGOPT_AVX2_INLINE void philox8(Words8 (&c)[kBlocks], PhiloxKey key, int first_round = 0) {
   const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0);
   const __m256i m1 = _mm256_set1_epi64x(kPhiloxM1);
-  uint32_t k0 = key.k0;
-  uint32_t k1 = key.k1;
-  for (int round = 0; round < kPhiloxRounds; ++round) {
+  uint32_t k0 = key.k0 + static_cast<uint32_t>(first_round) * kPhiloxW0;
+  uint32_t k1 = key.k1 + static_cast<uint32_t>(first_round) * kPhiloxW1;
+  for (int round = first_round; round < kPhiloxRounds; ++round) {
     const __m256i key0 = _mm256_set1_epi32(static_cast<int>(k0));
     const __m256i key1 = _mm256_set1_epi32(static_cast<int>(k1));
     for (int b = 0; b < kBlocks; ++b) {
-      const __m256i p0_even = _mm256_mul_epu32(c[b].w0, m0);
-      const __m256i p0_odd = _mm256_mul_epu32(_mm256_srli_epi64(c[b].w0, 32), m0);
-      const __m256i p1_even = _mm256_mul_epu32(c[b].w2, m1);
-      const __m256i p1_odd = _mm256_mul_epu32(_mm256_srli_epi64(c[b].w2, 32), m1);
-      const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(p0_even, 32), p0_odd, 0xAA);
-      const __m256i lo0 = _mm256_blend_epi32(p0_even, _mm256_slli_epi64(p0_odd, 32), 0xAA);
-      const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(p1_even, 32), p1_odd, 0xAA);
-      const __m256i lo1 = _mm256_blend_epi32(p1_even, _mm256_slli_epi64(p1_odd, 32), 0xAA);
+      __m256i hi0, lo0, hi1, lo1;
+      mul_hi_lo8(c[b].w0, m0, hi0, lo0);
+      mul_hi_lo8(c[b].w2, m1, hi1, lo1);
       c[b].w0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c[b].w1), key0);
       c[b].w1 = lo1;
       c[b].w2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c[b].w3), key1);
@@ -82,6 +86,58 @@ MERGOPT_AVX2_INLINE Words8 group_counters8(uint64_t group, uint32_t step, uint32
   return Words8{lo, hi, _mm256_set1_epi32(static_cast<int>(step)), _mm256_set1_epi32(static_cast<int>(param_id))};
 }
 
+// hi and lo words of the 32x32 -> 64 product a * m.
+MERGOPT_AVX2_INLINE void mul_hi_lo32(uint32_t a, uint32_t m, uint32_t& hi, uint32_t& lo) {
+  const uint64_t p = static_cast<uint64_t>(a) * m;
+  hi = static_cast<uint32_t>(p >> 32);
+  lo = static_cast<uint32_t>(p);
+}
+
+// The Philox words of the 8 kBlocks element groups group .. group + 8 kBlocks - 1, block b in w[b].
+// Where no group carries into G >> 32, counter words c1, c2, c3 are the same in every lane, and so
+// are the words derived from them alone in rounds 1 and 2: those products are computed once, in
+// scalar code, and the lane-wise rounds start at round 3.
+template <int kBlocks>
+MERGOPT_AVX2_INLINE void element_group_words8(Words8 (&w)[kBlocks], PhiloxKey key, uint64_t group, uint32_t step,
+                                              uint32_t param_id) {
+  const uint32_t lo_first = static_cast<uint32_t>(group);
+  if (lo_first > 0xffffffffu - static_cast<uint32_t>(8 * kBlocks - 1)) {  // a carry: the plain rounds
+    for (int b = 0; b < kBlocks; ++b) w[b] = group_counters8(group + 8 * b, step, param_id);
+    philox8(w, key);
+    return;
+  }
+  const uint32_t hi_word = static_cast<uint32_t>(group >> 32);
+  const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0);
+  const __m256i m1 = _mm256_set1_epi64x(kPhiloxM1);
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  // Round 1 on (c0 lane-wise, hi_word, step, param_id) with key (k0, k1).
+  uint32_t hi1, lo1;
+  mul_hi_lo32(step, kPhiloxM1, hi1, lo1);
+  const uint32_t r1_c0 = hi1 ^ hi_word ^ key.k0;  // the same in every lane
+  const uint32_t r1_c1 = lo1;
+  const __m256i r1_c2_key = _mm256_set1_epi32(static_cast<int>(param_id ^ key.k1));
+  // Round 2 with key (k0 + W0, k1 + W1): c0 and c1 are lane-constant, c2 and c3 are not.
+  uint32_t hi0_r2, lo0_r2;
+  mul_hi_lo32(r1_c0, kPhiloxM0, hi0_r2, lo0_r2);
+  const __m256i r2_c0_key = _mm256_set1_epi32(static_cast<int>(r1_c1 ^ (key.k0 + kPhiloxW0)));
+  const __m256i r2_c2_key = _mm256_set1_epi32(static_cast<int>(hi0_r2 ^ (key.k1 + kPhiloxW1)));
+  const __m256i r2_c3 = _mm256_set1_epi32(static_cast<int>(lo0_r2));
+  for (int b = 0; b < kBlocks; ++b) {
+    const __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(lo_first + 8u * b)), lanes);
+    __m256i hi0, lo0;
+    mul_hi_lo8(c0, m0, hi0, lo0);
+    const __m256i r1_c2 = _mm256_xor_si256(hi0, r1_c2_key);  // hi0 ^ c3 ^ k1
+    const __m256i r1_c3 = lo0;
+    __m256i hi1_r2, lo1_r2;
+    mul_hi_lo8(r1_c2, m1, hi1_r2, lo1_r2);
+    w[b].w0 = _mm256_xor_si256(hi1_r2, r2_c0_key);  // hi1 ^ c1 ^ k0
+    w[b].w1 = lo1_r2;
+    w[b].w2 = _mm256_xor_si256(r1_c3, r2_c2_key);   // hi0 ^ c3 ^ k1
+    w[b].w3 = r2_c3;
+  }
+  philox8(w, key, 2);
+}
+
 // The words of the eight element groups group .. group + 7 (element_group_words lane-wise).
 MERGOPT_AVX2_INLINE Words8 element_group_words8(PhiloxKey key, uint64_t group, uint32_t step, uint32_t param_id) {
   Words8 c[1] = {group_counters8(group, step, param_id)};
@@ -89,10 +145,11 @@ MERGOPT_AVX2_INLINE Words8 element_group_words8(PhiloxKey key, uint64_t group, u
   return c[0];
 }
 
-// log_unit (noise.h) on eight floats in [2**-24, 1].
-MERGOPT_AVX2_INLINE __m256 log_unit8(__m256 x) {
+// log_unit (noise.h) of x 2**-shift on eight floats, x 2**-shift in [2**-24, 1]: the power of two
+// goes into the exponent k, which is exact, so the bits are those of log_unit(x * 2**-shift).
+MERGOPT_AVX2_INLINE __m256 log_unit8(__m256 x, int shift = 0) {
   const __m256i ix0 = _mm256_add_epi32(_mm256_castps_si256(x), _mm256_set1_epi32(0x3f800000 - 0x3f3504f3));
-  const __m256i k = _mm256_sub_epi32(_mm256_srli_epi32(ix0, 23), _mm256_set1_epi32(0x7f));
+  const __m256i k = _mm256_sub_epi32(_mm256_srli_epi32(ix0, 23), _mm256_set1_epi32(0x7f + shift));
   const __m256i ix = _mm256_add_epi32(_mm256_and_si256(ix0, _mm256_set1_epi32(0x007fffff)),
                                       _mm256_set1_epi32(0x3f3504f3));
   const __m256 one = _mm256_set1_ps(1.0f);
@@ -115,14 +172,15 @@ MERGOPT_AVX2_INLINE __m256 log_unit8(__m256 x) {
 }
 
 // laplace_from_word on eight words, with exact integer shortcuts of the scalar steps: with
-// h = w >> 8 and c = 2h - (2**24 - 1), x = 1 - 2|d| = (2**24 - |c|) 2**-24 exactly, and
+// h = w >> 8 and c = 2h - (2**24 - 1), x = 1 - 2|d| = (2**24 - |c|) 2**-24 exactly (the 2**-24 is folded into log_unit's exponent),
+// and
 // 2**24 - |c| = 2 (h' & 0x7fffff) + 1 where h' is h with its bits flipped when w >= 2**31;
 // d < 0 exactly when bit 31 of w is clear.
 MERGOPT_AVX2_INLINE __m256 laplace8(__m256i word, __m256 loc, __m256 scale) {
   const __m256i flipped = _mm256_xor_si256(word, _mm256_srai_epi32(word, 31));
   const __m256i xi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(flipped, 7), _mm256_set1_epi32(0xfffffe)),
                                      _mm256_set1_epi32(1));
-  const __m256 e = log_unit8(_mm256_mul_ps(_mm256_cvtepi32_ps(xi), _mm256_set1_ps(0x1.0p-24f)));
+  const __m256 e = log_unit8(_mm256_cvtepi32_ps(xi), 24);
   // d < 0 ? -e : e: the sign bit flipped where bit 31 of w is clear.
   const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
   const __m256 signed_e =
@@ -171,10 +229,10 @@ MERGOPT_AVX2_INLINE void sincos4(__m256d x, __m128& sin_out, __m128& cos_out) {
 MERGOPT_AVX2_INLINE void gaussian8(__m256i wa, __m256i wb, __m256 loc, __m256 scale, __m256& first,
                                    __m256& second) {
   const __m256 unit = _mm256_set1_ps(0x1.0p-24f);
-  const __m256 u1 =
-      _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_srli_epi32(wa, 8), _mm256_set1_epi32(1))), unit);
+  // u1 = (h + 1) 2**-24, its log taken as log_unit8(h + 1, 24).
+  const __m256 u1_scaled = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_srli_epi32(wa, 8), _mm256_set1_epi32(1)));
   const __m256 u2 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(wb, 8)), unit);
-  const __m256 radius = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), log_unit8(u1)));
+  const __m256 radius = _mm256_sqrt_ps(_mm256_mul_ps(_mm256_set1_ps(-2.0f), log_unit8(u1_scaled, 24)));
   const __m256 angle = _mm256_mul_ps(_mm256_set1_ps(6.28318530717958647692f), u2);
   __m128 sin_lo, cos_lo, sin_hi, cos_hi;
   sincos4(_mm256_cvtps_pd(_mm256_castps256_ps128(angle)), sin_lo, cos_lo);
@@ -208,8 +266,7 @@ template <int kBlocks>
 MERGOPT_AVX2_INLINE void scaled_noise8(float* out, PhiloxKey key, uint64_t group, uint32_t step, uint32_t param_id,
                                       Distribution dist, float loc, float scale, float factor) {
   Words8 w[kBlocks];
-  for (int b = 0; b < kBlocks; ++b) w[b] = group_counters8(group + 8 * b, step, param_id);
-  philox8(w, key);
+  element_group_words8(w, key, group, step, param_id);
   const __m256 loc8 = _mm256_set1_ps(loc);
   const __m256 scale8 = _mm256_set1_ps(scale);
   const __m256 factor8 = _mm256_set1_ps(factor);

@@ -55,13 +55,14 @@ MERGOPT_AVX512_INLINE void mul_hi_lo16(__m512i a, __m512i m, __m512i& hi, __m512
 
 // Ten Philox rounds on kBlocks x sixteen counters lane-wise; the output replaces them. The blocks
 // are independent: interleaving them gives the out-of-order core several multiply chains at once.
+// Rounds first_round .. 9 only, when given first_round (the earlier ones done by the caller).
 template <int kBlocks>
-MERGOPT_AVX512_INLINE void philox16(Words16 (&c)[kBlocks], PhiloxKey key) {
+MERGOPT_AVX512_INLINE void philox16(Words16 (&c)[kBlocks], PhiloxKey key, int first_round = 0) {
   const __m512i m0 = _mm512_set1_epi64(kPhiloxM0);
   const __m512i m1 = _mm512_set1_epi64(kPhiloxM1);
-  uint32_t k0 = key.k0;
-  uint32_t k1 = key.k1;
-  for (int round = 0; round < kPhiloxRounds; ++round) {
+  uint32_t k0 = key.k0 + static_cast<uint32_t>(first_round) * kPhiloxW0;
+  uint32_t k1 = key.k1 + static_cast<uint32_t>(first_round) * kPhiloxW1;
+  for (int round = first_round; round < kPhiloxRounds; ++round) {
     const __m512i key0 = _mm512_set1_epi32(static_cast<int>(k0));
     const __m512i key1 = _mm512_set1_epi32(static_cast<int>(k1));
     for (int b = 0; b < kBlocks; ++b) {
@@ -93,6 +94,58 @@ MERGOPT_AVX512_INLINE Words16 group_counters16(uint64_t group, uint32_t step, ui
   return Words16{lo, hi, _mm512_set1_epi32(static_cast<int>(step)), _mm512_set1_epi32(static_cast<int>(param_id))};
 }
 
+// hi and lo words of the 32x32 -> 64 product a * m.
+MERGOPT_AVX512_INLINE void mul_hi_lo32(uint32_t a, uint32_t m, uint32_t& hi, uint32_t& lo) {
+  const uint64_t p = static_cast<uint64_t>(a) * m;
+  hi = static_cast<uint32_t>(p >> 32);
+  lo = static_cast<uint32_t>(p);
+}
+
+// The Philox words of the 16 kBlocks element groups group .. group + 16 kBlocks - 1, block b in
+// w[b]. Where no group carries into G >> 32, counter words c1, c2, c3 are the same in every lane,
+// and so are the words derived from them alone in rounds 1 and 2: those products are computed once,
+// in scalar code, and the lane-wise rounds start at round 3.
+template <int kBlocks>
+MERGOPT_AVX512_INLINE void element_group_words16(Words16 (&w)[kBlocks], PhiloxKey key, uint64_t group,
+                                                 uint32_t step, uint32_t param_id) {
+  const uint32_t lo_first = static_cast<uint32_t>(group);
+  if (lo_first > 0xffffffffu - static_cast<uint32_t>(16 * kBlocks - 1)) {  // a carry: the plain rounds
+    for (int b = 0; b < kBlocks; ++b) w[b] = group_counters16(group + 16 * b, step, param_id);
+    philox16(w, key);
+    return;
+  }
+  const uint32_t hi_word = static_cast<uint32_t>(group >> 32);
+  const __m512i m0 = _mm512_set1_epi64(kPhiloxM0);
+  const __m512i m1 = _mm512_set1_epi64(kPhiloxM1);
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  // Round 1 on (c0 lane-wise, hi_word, step, param_id) with key (k0, k1).
+  uint32_t hi1, lo1;
+  mul_hi_lo32(step, kPhiloxM1, hi1, lo1);
+  const uint32_t r1_c0 = hi1 ^ hi_word ^ key.k0;  // the same in every lane
+  const uint32_t r1_c1 = lo1;
+  const __m512i r1_c2_key = _mm512_set1_epi32(static_cast<int>(param_id ^ key.k1));
+  // Round 2 with key (k0 + W0, k1 + W1): c0 and c1 are lane-constant, c2 and c3 are not.
+  uint32_t hi0_r2, lo0_r2;
+  mul_hi_lo32(r1_c0, kPhiloxM0, hi0_r2, lo0_r2);
+  const __m512i r2_c0_key = _mm512_set1_epi32(static_cast<int>(r1_c1 ^ (key.k0 + kPhiloxW0)));
+  const __m512i r2_c2_key = _mm512_set1_epi32(static_cast<int>(hi0_r2 ^ (key.k1 + kPhiloxW1)));
+  const __m512i r2_c3 = _mm512_set1_epi32(static_cast<int>(lo0_r2));
+  for (int b = 0; b < kBlocks; ++b) {
+    const __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(lo_first + 16u * b)), lanes);
+    __m512i hi0, lo0;
+    mul_hi_lo16(c0, m0, hi0, lo0);
+    const __m512i r1_c2 = _mm512_xor_si512(hi0, r1_c2_key);  // hi0 ^ c3 ^ k1
+    const __m512i r1_c3 = lo0;
+    __m512i hi1_r2, lo1_r2;
+    mul_hi_lo16(r1_c2, m1, hi1_r2, lo1_r2);
+    w[b].w0 = _mm512_xor_si512(hi1_r2, r2_c0_key);  // hi1 ^ c1 ^ k0
+    w[b].w1 = lo1_r2;
+    w[b].w2 = _mm512_xor_si512(r1_c3, r2_c2_key);   // hi0 ^ c3 ^ k1
+    w[b].w3 = r2_c3;
+  }
+  philox16(w, key, 2);
+}
+
 // The words of the sixteen element groups group .. group + 15 (element_group_words lane-wise).
 MERGOPT_AVX512_INLINE Words16 element_group_words16(PhiloxKey key, uint64_t group, uint32_t step,
                                                    uint32_t param_id) {
@@ -101,10 +154,11 @@ MERGOPT_AVX512_INLINE Words16 element_group_words16(PhiloxKey key, uint64_t grou
   return c[0];
 }
 
-// log_unit (noise.h) on sixteen floats in [2**-24, 1].
-MERGOPT_AVX512_INLINE __m512 log_unit16(__m512 x) {
+// log_unit (noise.h) of x 2**-shift on sixteen floats, x 2**-shift in [2**-24, 1]: the power of two
+// goes into the exponent k, which is exact, so the bits are those of log_unit(x * 2**-shift).
+MERGOPT_AVX512_INLINE __m512 log_unit16(__m512 x, int shift = 0) {
   const __m512i ix0 = _mm512_add_epi32(_mm512_castps_si512(x), _mm512_set1_epi32(0x3f800000 - 0x3f3504f3));
-  const __m512i k = _mm512_sub_epi32(_mm512_srli_epi32(ix0, 23), _mm512_set1_epi32(0x7f));
+  const __m512i k = _mm512_sub_epi32(_mm512_srli_epi32(ix0, 23), _mm512_set1_epi32(0x7f + shift));
   const __m512i ix = _mm512_add_epi32(_mm512_and_si512(ix0, _mm512_set1_epi32(0x007fffff)),
                                       _mm512_set1_epi32(0x3f3504f3));
   const __m512 f = _mm512_sub_ps(_mm512_castsi512_ps(ix), _mm512_set1_ps(1.0f));
@@ -126,7 +180,8 @@ MERGOPT_AVX512_INLINE __m512 log_unit16(__m512 x) {
 }
 
 // laplace_from_word on sixteen words, with exact integer shortcuts of the scalar steps: with
-// h = w >> 8 and c = 2h - (2**24 - 1), x = 1 - 2|d| = (2**24 - |c|) 2**-24 exactly, and
+// h = w >> 8 and c = 2h - (2**24 - 1), x = 1 - 2|d| = (2**24 - |c|) 2**-24 exactly (the 2**-24 is folded into log_unit's exponent),
+// and
 // 2**24 - |c| = 2 (h' & 0x7fffff) + 1 where h' is h with its bits flipped when w >= 2**31;
 // d < 0 exactly when bit 31 of w is clear.
 MERGOPT_AVX512_INLINE __m512 laplace16(__m512i word, __m512 loc, __m512 scale) {
@@ -134,7 +189,7 @@ MERGOPT_AVX512_INLINE __m512 laplace16(__m512i word, __m512 loc, __m512 scale) {
   // 0xEA: (A & B) | C.
   const __m512i xi = _mm512_ternarylogic_epi32(_mm512_srli_epi32(flipped, 7), _mm512_set1_epi32(0xfffffe),
                                                _mm512_set1_epi32(1), 0xEA);
-  const __m512 e = log_unit16(_mm512_mul_ps(_mm512_cvtepi32_ps(xi), _mm512_set1_ps(0x1.0p-24f)));
+  const __m512 e = log_unit16(_mm512_cvtepi32_ps(xi), 24);
   // d < 0 ? -e : e, the sign bit flipped where bit 31 of w is clear. 0xD2: A ^ (~B & C).
   const __m512 signed_e = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(
       _mm512_castps_si512(e), word, _mm512_set1_epi32(static_cast<int>(0x80000000u)), 0xD2));
@@ -181,10 +236,10 @@ MERGOPT_AVX512_INLINE void sincos8(__m512d x, __m256& sin_out, __m256& cos_out) 
 MERGOPT_AVX512_INLINE void gaussian16(__m512i wa, __m512i wb, __m512 loc, __m512 scale, __m512& first,
                                       __m512& second) {
   const __m512 unit = _mm512_set1_ps(0x1.0p-24f);
-  const __m512 u1 =
-      _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_srli_epi32(wa, 8), _mm512_set1_epi32(1))), unit);
+  // u1 = (h + 1) 2**-24, its log taken as log_unit16(h + 1, 24).
+  const __m512 u1_scaled = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_srli_epi32(wa, 8), _mm512_set1_epi32(1)));
   const __m512 u2 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(wb, 8)), unit);
-  const __m512 radius = _mm512_sqrt_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), log_unit16(u1)));
+  const __m512 radius = _mm512_sqrt_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), log_unit16(u1_scaled, 24)));
   const __m512 angle = _mm512_mul_ps(_mm512_set1_ps(6.28318530717958647692f), u2);
   __m256 sin_lo, cos_lo, sin_hi, cos_hi;
   sincos8(_mm512_cvtps_pd(_mm512_castps512_ps256(angle)), sin_lo, cos_lo);
@@ -225,8 +280,7 @@ MERGOPT_AVX512_INLINE void scaled_noise16(float* out, PhiloxKey key, uint64_t gr
                                         uint32_t param_id, Distribution dist, float loc, float scale,
                                         float factor) {
   Words16 w[kBlocks];
-  for (int b = 0; b < kBlocks; ++b) w[b] = group_counters16(group + 16 * b, step, param_id);
-  philox16(w, key);
+  element_group_words16(w, key, group, step, param_id);
   const __m512 loc16 = _mm512_set1_ps(loc);
   const __m512 scale16 = _mm512_set1_ps(scale);
   const __m512 factor16 = _mm512_set1_ps(factor);
