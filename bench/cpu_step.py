@@ -1,5 +1,6 @@
 """Side-by-side CPU step timings in one process: FusedMergOptAdamW (native op) against
-torch.optim.AdamW(fused=True) and the noise-off fused step, on N tensors of M fp32 params.
+torch.optim.AdamW(fused=True), the noise-off fused step and (row ``published``) the published
+MergOPT pattern of bench/peers.py, on N tensors of M fp32 params.
 
     PYTHONPATH=. python bench/cpu_step.py --tensors 20 --numel 1000000 --threads 2 --reps 15
 
@@ -22,6 +23,9 @@ from mergopt_kernels import FusedMergOptAdamW
 def build(kind: str, params):
     if kind == "adamw_fused":
         return torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2, fused=True)
+    if kind == "published":
+        from bench.peers import PublishedMergOpt
+        return PublishedMergOpt(params)
     noise = 0.0 if kind == "noise_off" else 5e-4
     dist = "gaussian" if kind.endswith("gaussian") else "laplace"
     return FusedMergOptAdamW(params, lr=1e-4, weight_decay=1e-2, noise_scale=noise, distribution=dist,
