@@ -1,6 +1,6 @@
 // Kernel body of the CPU fused step. No include guard on purpose: fused_step.cpp includes it
 // once per instruction set (baseline x86-64, AVX2, AVX-512), each time in its own namespace, and
-// picks one at run time. Both compile the same IEEE operations without FMA contraction, so every
+// picks one at run time. All compile the same IEEE operations without FMA contraction, so every
 // instruction set produces the same bits.
 //
 // Expects MERGOPT_CPU_NS (namespace name) to be defined and fused_step_common.h to be included.
