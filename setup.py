@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,12 +25,27 @@ CSRC = "csrc"
 # CUDA kernel produce the same bits (csrc/include/mergopt/noise.h). -fno-math-errno lets sqrtf
 # vectorize. Baseline code stays x86-64 (SSE2); AVX2 code is chosen at run time (fused_step.cpp).
 CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
+# GCC only (the compiler of torch's wheels):
+# -fopenmp: at::parallel_for is inline (ATen/ParallelOpenMP.h) and runs serially without it; the
+# OpenMP runtime (libgomp) is the one torch already loads.
+# -fschedule-insns -fsched-pressure: schedule before register allocation, so the independent noise
+# blocks of csrc/include/mergopt/simd_*.h interleave (x86 GCC leaves this pass off; no result changes).
+GCC_FLAGS = ["-fopenmp", "-fschedule-insns", "-fsched-pressure"]
+GCC_LINK_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "--fmad=false",
               "-gencode=arch=compute_90,code=sm_90", "-gencode=arch=compute_90,code=compute_90"]
 
 
 def _warn(message: str) -> None:
     print(f"mergopt_kernels setup: {message}", file=sys.stderr)
+
+
+def _is_gcc(compiler: str) -> bool:
+    try:
+        out = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "clang" not in out.lower() and "free software foundation" in out.lower()
 
 
 def _native_extensions():
@@ -48,6 +64,11 @@ def _native_extensions():
         _warn("no C++ compiler found: not building the native library")
         return [], {}
 
+    gcc = _is_gcc(compiler)
+    if not gcc:
+        _warn(f"{compiler} is not GCC: building without OpenMP, the CPU op runs on one thread")
+    cxx_flags = CXX_FLAGS + (GCC_FLAGS if gcc else [])
+    link_flags = GCC_LINK_FLAGS if gcc else []
     sources = [f"{CSRC}/cpu/fused_step.cpp", f"{CSRC}/cpu/noise_ops.cpp"]
     include_dirs = [str(ROOT / CSRC / "include"), str(ROOT / CSRC), str(ROOT / CSRC / "cpu"), str(ROOT / CSRC / "cuda")]
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and \
@@ -56,12 +77,12 @@ def _native_extensions():
         sources += [f"{CSRC}/cuda/fused_step_kernel.cu", f"{CSRC}/cuda/fused_step_binding.cpp"]
         ext = cpp_extension.CUDAExtension(
             "mergopt_kernels._C", sources, include_dirs=include_dirs,
-            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS})
+            extra_compile_args={"cxx": cxx_flags, "nvcc": NVCC_FLAGS}, extra_link_args=link_flags)
     else:
         if torch.version.cuda is not None:
             _warn("nvcc not found (CUDA_HOME unset): building the CPU op only")
         ext = cpp_extension.CppExtension(
-            "mergopt_kernels._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": CXX_FLAGS})
+            "mergopt_kernels._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
     return [ext], {"build_ext": build_ext}
 

@@ -267,3 +267,40 @@ def test_bad_arguments():
         bad = list(base)
         bad[2] = [torch.zeros(3)]
         ops().fused_step(*bad, "laplace", True, 1)
+
+
+@pytest.mark.parametrize("distribution", ["laplace", "gaussian"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_instruction_sets_are_bitwise_identical(monkeypatch, distribution, dtype):
+    """The baseline, AVX2 and AVX-512 kernels (MERGOPT_CPU_ISA; a set the CPU lacks falls back to
+    the best one it has) give the same bits: params, moments and masters, ragged tiles and a base
+    whose group index crosses 2**32 included."""
+    sizes = (1, 7, 4099, 278011, 70001)
+    bases = (0, 5, 3, (1 << 34) + 1, (1 << 34) - 4 * 37 + 2)
+    gen = torch.Generator().manual_seed(11)
+    init = [torch.randn(n, generator=gen) * 0.05 for n in sizes]
+    grads = [(torch.randn(n, generator=gen) * 1e-2).to(dtype) for n in sizes]
+    grads[1] = None
+    results = {}
+    for isa in ("generic", "avx2", "avx512"):
+        monkeypatch.setenv("MERGOPT_CPU_ISA", isa)
+        low = dtype != torch.float32
+        state = dict(params=[t.to(dtype) for t in init], grads=list(grads),
+                     exp_avgs=[torch.zeros(n) for n in sizes], exp_avg_sqs=[torch.zeros(n) for n in sizes],
+                     max_exp_avg_sqs=[], masters=[t.clone() for t in init] if low else [],
+                     steps=[torch.tensor(1.0) for _ in sizes])
+        for t in (1, 2):
+            _call(state, t=t, restore=True, apply_offset=1, distribution=distribution, weight_decay=0.01,
+                  noise_loc=0.125, bases=bases)
+        results[isa] = [x.view(torch.int16 if x.dtype == torch.bfloat16 else torch.int32)
+                        for key in ("params", "exp_avgs", "exp_avg_sqs", "masters") for x in state[key]]
+    for isa in ("avx2", "avx512"):
+        assert all(torch.equal(a, b) for a, b in zip(results["generic"], results[isa])), isa
+
+
+def test_unknown_instruction_set_is_an_error(monkeypatch):
+    monkeypatch.setenv("MERGOPT_CPU_ISA", "sse9")
+    state = dict(params=[torch.zeros(4)], grads=[None], exp_avgs=[torch.zeros(4)], exp_avg_sqs=[torch.zeros(4)],
+                 max_exp_avg_sqs=[], masters=[], steps=[torch.tensor(1.0)])
+    with pytest.raises(RuntimeError, match="MERGOPT_CPU_ISA"):
+        _call(state, t=1, restore=False, apply_offset=0)

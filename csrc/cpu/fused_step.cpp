@@ -2,15 +2,20 @@
 //
 // Work is split into items of kItemGroups element groups (4 elements, one Philox call each),
 // aligned to groups of the *global* element index so that no call is made twice; items of all
-// tensors run under one at::parallel_for. The kernel body is compiled for baseline x86-64 and
-// for AVX2 (chosen at run time by CPUID); -ffp-contract=off keeps the two bitwise identical.
+// tensors run under one at::parallel_for. The kernel body is compiled for baseline x86-64, AVX2
+// and AVX-512 (chosen at run time by CPUID); the noise of the vector paths is written with
+// intrinsics (mergopt/simd_avx2.h, simd_avx512.h) that repeat the scalar operations, and
+// -ffp-contract=off keeps all three bitwise identical.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "fused_step_common.h"
+#include "mergopt/simd_avx2.h"
+#include "mergopt/simd_avx512.h"
 #include "torch_common/fused_step_args.h"
 
 #define MERGOPT_CPU_NS generic
@@ -18,25 +23,57 @@
 #undef MERGOPT_CPU_NS
 
 #if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
-#define MERGOPT_HAVE_AVX2_PATH 1
+#define MERGOPT_HAVE_SIMD_PATHS 1
 #pragma GCC push_options
 #pragma GCC target("avx2")
 #define MERGOPT_CPU_NS avx2
+#define MERGOPT_CPU_AVX2 1
 #include "fused_step_impl.h"
+#undef MERGOPT_CPU_AVX2
 #undef MERGOPT_CPU_NS
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq")
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"  // GCC 12 avx512fintrin.h, see simd_avx512.h
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define MERGOPT_CPU_NS avx512
+#define MERGOPT_CPU_AVX512 1
+#include "fused_step_impl.h"
+#undef MERGOPT_CPU_AVX512
+#undef MERGOPT_CPU_NS
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
 #endif
 
 namespace mergopt_cpu {
 namespace {
 
-bool use_avx2() {
-#ifdef MERGOPT_HAVE_AVX2_PATH
-  static const bool supported = __builtin_cpu_supports("avx2");
-  return supported;
-#else
-  return false;
+enum class Isa { kGeneric, kAvx2, kAvx512 };
+
+// The best instruction set of this CPU, or a lower one named by MERGOPT_CPU_ISA ("generic",
+// "avx2", "avx512"; read at every call, for tests and benchmarks). Every choice gives the same bits.
+Isa pick_isa() {
+  Isa best = Isa::kGeneric;
+#ifdef MERGOPT_HAVE_SIMD_PATHS
+  static const Isa supported = mergopt::simd::cpu_has_avx512() ? Isa::kAvx512
+                               : mergopt::simd::cpu_has_avx2() ? Isa::kAvx2
+                                                               : Isa::kGeneric;
+  best = supported;
 #endif
+  const char* wanted = std::getenv("MERGOPT_CPU_ISA");
+  if (wanted == nullptr || *wanted == '\0') return best;
+  const std::string name(wanted);
+  Isa isa = Isa::kGeneric;
+  if (name == "avx512") {
+    isa = Isa::kAvx512;
+  } else if (name == "avx2") {
+    isa = Isa::kAvx2;
+  } else {
+    TORCH_CHECK(name == "generic", "MERGOPT_CPU_ISA must be generic, avx2 or avx512, got '", name, "'");
+  }
+  return static_cast<int>(isa) < static_cast<int>(best) ? isa : best;
 }
 
 Kind kind_of(at::ScalarType param) {
@@ -115,14 +152,15 @@ void fused_step_cpu(at::TensorList params, const c10::List<std::optional<at::Ten
     }
   }
 
-  const bool avx2 = use_avx2();
+  const Isa isa = pick_isa();
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
-#ifdef MERGOPT_HAVE_AVX2_PATH
-    if (avx2) return avx2::run_items(tensors, items, args, begin, end);
+#ifdef MERGOPT_HAVE_SIMD_PATHS
+    if (isa == Isa::kAvx512) return avx512::run_items(tensors, items, args, begin, end);
+    if (isa == Isa::kAvx2) return avx2::run_items(tensors, items, args, begin, end);
 #endif
     generic::run_items(tensors, items, args, begin, end);
   });
-  (void)avx2;
+  (void)isa;
 }
 
 }  // namespace mergopt_cpu

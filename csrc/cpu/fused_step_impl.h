@@ -1,6 +1,6 @@
 // Kernel body of the CPU fused step. No include guard on purpose: fused_step.cpp includes it
-// once per instruction set (baseline x86-64 and AVX2), each time in its own namespace, and picks
-// one at run time. Both compile the same IEEE operations without FMA contraction, so every
+// once per instruction set (baseline x86-64, AVX2, AVX-512), each time in its own namespace, and
+// picks one at run time. All compile the same IEEE operations without FMA contraction, so every
 // instruction set produces the same bits.
 //
 // Expects MERGOPT_CPU_NS (namespace name) to be defined and fused_step_common.h to be included.
@@ -26,8 +26,25 @@ template <>
 MERGOPT_INLINE c10::Half from_f32<c10::Half>(float x) { return c10::Half(x); }
 
 // delta[e] = scale * z[e] for the 4 * n_groups elements of groups g0 .. g0 + n_groups - 1.
+// The buffer holds whole tiles (kTileElems floats): the AVX2 and AVX-512 paths fill 32 and 64 groups
+// at a time (mergopt/simd_avx2.h, simd_avx512.h: bit-identical to the scalar code) and may write
+// past 4 * n_groups.
 inline void fill_delta(float* __restrict delta, uint64_t g0, int64_t n_groups, uint32_t step, uint32_t param_id,
                        const NoiseSpec& noise, float scale) {
+#if defined(MERGOPT_CPU_AVX512)
+  // One call for the whole tile: four interleaved blocks of 16 groups.
+  static_assert(kTileGroups == 64, "a tile is four blocks of 16 groups");
+  (void)n_groups;
+  mergopt::simd::scaled_noise16<4>(delta, noise.key, g0, step, param_id, noise.distribution, noise.loc, noise.scale,
+                                   scale);
+#elif defined(MERGOPT_CPU_AVX2)
+  // Four interleaved blocks of 8 groups per call.
+  static_assert(kTileGroups % 32 == 0, "tiles are whole blocks of 32 groups");
+  for (int64_t i = 0; i < n_groups; i += 32) {
+    mergopt::simd::scaled_noise8<4>(delta + 4 * i, noise.key, g0 + static_cast<uint64_t>(i), step, param_id,
+                                    noise.distribution, noise.loc, noise.scale, scale);
+  }
+#else
   uint32_t w0[kTileGroups];
   uint32_t w1[kTileGroups];
   uint32_t w2[kTileGroups];
@@ -56,6 +73,7 @@ inline void fill_delta(float* __restrict delta, uint64_t g0, int64_t n_groups, u
       delta[4 * i + 3] = scale * mergopt::laplace_from_word(w3[i], loc, spread);
     }
   }
+#endif
 }
 
 // theta = master or param - restore_delta; AdamW on theta; param = theta + apply_delta.

@@ -9,6 +9,8 @@
 #include "mergopt/adamw.h"
 #include "mergopt/noise.h"
 #include "mergopt/philox.h"
+#include "mergopt/simd_avx2.h"
+#include "mergopt/simd_avx512.h"
 
 namespace {
 
@@ -195,6 +197,299 @@ void test_adamw_against_double() {
   EXPECT(mergopt::float_to_bf16_bits(1.01171875f) == 0x3f82, "bf16 ties to even (odd)");
 }
 
+#if MERGOPT_HAVE_AVX2
+// The AVX2 stream against the scalar one, lane by lane and bit for bit: Philox words for groups
+// around the 2**32 boundary of G (the carry into counter word c1) and random groups; the noise
+// of every input word class (all 2**24 Laplace inputs w >> 8, Gaussian on random pairs plus the
+// extreme words), and the element order of scaled_noise8.
+// Compares the 8 lanes of element_group_words8 at group g with the scalar words; counts mismatches.
+__attribute__((target("avx2"))) void check_groups8(mergopt::PhiloxKey key, uint64_t g, uint32_t step,
+                                                   uint32_t param_id, int& word_mismatches) {
+  const mergopt::simd::Words8 v = mergopt::simd::element_group_words8(key, g, step, param_id);
+  alignas(32) uint32_t lanes[4][8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[0]), v.w0);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[1]), v.w1);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[2]), v.w2);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[3]), v.w3);
+  for (int j = 0; j < 8; ++j) {
+    uint32_t w[4];
+    mergopt::element_group_words(key, g + j, step, param_id, w[0], w[1], w[2], w[3]);
+    for (int k = 0; k < 4; ++k) {
+      if (lanes[k][j] != w[k] && word_mismatches++ < 5) {
+        EXPECT(false, "avx2 philox group %llx lane %d word %d: %08x != %08x", static_cast<unsigned long long>(g), j,
+               k, lanes[k][j], w[k]);
+      }
+    }
+  }
+}
+
+__attribute__((target("avx2"))) void test_avx2_matches_scalar() {
+  const int failures_before = g_failures;
+  const mergopt::PhiloxKey key = mergopt::philox_key(0x9E3779B97F4A7C15ull ^ (1ull << 63));
+  std::mt19937_64 rng(99);
+  int word_mismatches = 0;
+  for (uint64_t hi = 0; hi < 3; ++hi) {
+    for (int back = 0; back <= 8; ++back) {  // every offset of the 8 lanes across lo = 0xffffffff
+      check_groups8(key, (hi << 32) + 0xfffffff8ull + back, 7, 3, word_mismatches);
+      check_groups8(key, (hi << 32) + back, 2, 0xfffffffeu, word_mismatches);
+    }
+  }
+  check_groups8(key, 0xfffffffffffffff8ull, 1, 1, word_mismatches);  // the last lane is G = 2**64 - 1
+  for (int i = 0; i < 100000; ++i) {
+    check_groups8(key, rng(), static_cast<uint32_t>(rng()), static_cast<uint32_t>(rng()), word_mismatches);
+  }
+  // The four-block call, whose rounds 1 and 2 take a scalar shortcut unless a lane carries.
+  for (int i = 0; i < 20000; ++i) {
+    uint64_t g = rng();
+    if (i < 66) g = (static_cast<uint64_t>(i % 3) << 32) + 0xffffffffull - 32 - 32 + i;  // the carry, both ways
+    const uint32_t step = static_cast<uint32_t>(rng());
+    const uint32_t param_id = static_cast<uint32_t>(rng());
+    mergopt::simd::Words8 blocks[4];
+    mergopt::simd::element_group_words8(blocks, key, g, step, param_id);
+    for (int b = 0; b < 4; ++b) {
+      alignas(32) uint32_t lanes[4][8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[0]), blocks[b].w0);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[1]), blocks[b].w1);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[2]), blocks[b].w2);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes[3]), blocks[b].w3);
+      for (int j = 0; j < 8; ++j) {
+        uint32_t w[4];
+        mergopt::element_group_words(key, g + 8 * b + j, step, param_id, w[0], w[1], w[2], w[3]);
+        for (int k = 0; k < 4; ++k) {
+          if (lanes[k][j] != w[k] && word_mismatches++ < 5) {
+            EXPECT(false, "avx2 4-block philox group %llx block %d lane %d word %d: %08x != %08x",
+                   static_cast<unsigned long long>(g), b, j, k, lanes[k][j], w[k]);
+          }
+        }
+      }
+    }
+  }
+  EXPECT(word_mismatches == 0, "%d philox word mismatches", word_mismatches);
+
+  // Laplace: every value of w >> 8 (the low 8 bits are random), two (loc, scale) pairs.
+  const float locs[2] = {0.0f, 0.25f};
+  const float scales[2] = {1.0f, 5e-4f};
+  int noise_mismatches = 0;
+  for (int p = 0; p < 2; ++p) {
+    const __m256 loc8 = _mm256_set1_ps(locs[p]);
+    const __m256 scale8 = _mm256_set1_ps(scales[p]);
+    for (uint32_t hi = 0; hi < (1u << 24); hi += 8) {
+      alignas(32) uint32_t words[8];
+      for (int j = 0; j < 8; ++j) words[j] = ((hi + j) << 8) | static_cast<uint32_t>(rng() & 0xff);
+      if (hi == 0) words[0] = 0u;
+      if (hi + 8 == (1u << 24)) words[7] = 0xffffffffu;
+      alignas(32) float got[8];
+      _mm256_store_ps(got, mergopt::simd::laplace8(_mm256_load_si256(reinterpret_cast<const __m256i*>(words)),
+                                                   loc8, scale8));
+      for (int j = 0; j < 8; ++j) {
+        const float expected = mergopt::laplace_from_word(words[j], locs[p], scales[p]);
+        if (mergopt::float_to_bits(got[j]) != mergopt::float_to_bits(expected) && noise_mismatches++ < 5) {
+          EXPECT(false, "avx2 laplace(%08x) = %a, scalar %a", words[j], got[j], expected);
+        }
+      }
+    }
+    // Gaussian: random pairs and every pair of extreme words.
+    const uint32_t extremes[8] = {0u, 0xffffffffu, 0x80000000u, 0x7fffffffu, 0xffu, 0x100u, 0xffffff00u, 0x12345678u};
+    for (int i = 0; i < 200000; ++i) {
+      alignas(32) uint32_t wa[8];
+      alignas(32) uint32_t wb[8];
+      for (int j = 0; j < 8; ++j) {
+        wa[j] = i < 8 ? extremes[i] : static_cast<uint32_t>(rng());
+        wb[j] = i < 8 ? extremes[j] : static_cast<uint32_t>(rng());
+      }
+      __m256 first;
+      __m256 second;
+      mergopt::simd::gaussian8(_mm256_load_si256(reinterpret_cast<const __m256i*>(wa)),
+                               _mm256_load_si256(reinterpret_cast<const __m256i*>(wb)), loc8, scale8, first, second);
+      alignas(32) float f[8];
+      alignas(32) float s[8];
+      _mm256_store_ps(f, first);
+      _mm256_store_ps(s, second);
+      for (int j = 0; j < 8; ++j) {
+        float ef;
+        float es;
+        mergopt::gaussian_from_words(wa[j], wb[j], locs[p], scales[p], ef, es);
+        if ((mergopt::float_to_bits(f[j]) != mergopt::float_to_bits(ef) ||
+             mergopt::float_to_bits(s[j]) != mergopt::float_to_bits(es)) &&
+            noise_mismatches++ < 5) {
+          EXPECT(false, "avx2 gaussian(%08x, %08x) = (%a, %a), scalar (%a, %a)", wa[j], wb[j], f[j], s[j], ef, es);
+        }
+      }
+    }
+  }
+  EXPECT(noise_mismatches == 0, "%d noise mismatches", noise_mismatches);
+
+  // scaled_noise8<B>: element 4 (G - g) + k is factor * noise of word k of group G, for one
+  // block and for the four interleaved blocks of the fused step (the 2**32 carry inside them).
+  for (int dist = 0; dist < 2; ++dist) {
+    const auto d = static_cast<mergopt::Distribution>(dist);
+    for (uint64_t g : {0ull, 0xfffffffcull, 0xffffffeeull, 12345678901ull}) {
+      float one[32];
+      float four[128];
+      mergopt::simd::scaled_noise32(one, key, g, 5, 9, d, 0.25f, 5e-4f, -0.75f);
+      mergopt::simd::scaled_noise8<4>(four, key, g, 5, 9, d, 0.25f, 5e-4f, -0.75f);
+      for (int j = 0; j < 32; ++j) {
+        uint32_t w[4];
+        float z[4];
+        mergopt::element_group_words(key, g + j, 5, 9, w[0], w[1], w[2], w[3]);
+        mergopt::noise_from_words(d, w[0], w[1], w[2], w[3], 0.25f, 5e-4f, z);
+        for (int k = 0; k < 4; ++k) {
+          const uint32_t expected = mergopt::float_to_bits(-0.75f * z[k]);
+          EXPECT(mergopt::float_to_bits(four[4 * j + k]) == expected && (j >= 8 || mergopt::float_to_bits(one[4 * j + k]) == expected),
+                 "scaled_noise8 dist %d group %llx element %d: %a, %a != %a", dist,
+                 static_cast<unsigned long long>(g), 4 * j + k, four[4 * j + k], j < 8 ? one[4 * j + k] : 0.0f,
+                 -0.75f * z[k]);
+        }
+      }
+    }
+  }
+  if (g_failures == failures_before) std::printf("avx2 stream: bit-identical to the scalar stream\n");
+}
+#endif
+
+#if MERGOPT_HAVE_AVX512
+#define MERGOPT_TEST_AVX512 __attribute__((target("avx512f,avx512dq")))
+// Compares the 16 lanes of element_group_words16 at group g with the scalar words.
+MERGOPT_TEST_AVX512 void check_groups16(mergopt::PhiloxKey key, uint64_t g, uint32_t step, uint32_t param_id,
+                                        int& word_mismatches) {
+  const mergopt::simd::Words16 v = mergopt::simd::element_group_words16(key, g, step, param_id);
+  alignas(64) uint32_t lanes[4][16];
+  _mm512_store_si512(lanes[0], v.w0);
+  _mm512_store_si512(lanes[1], v.w1);
+  _mm512_store_si512(lanes[2], v.w2);
+  _mm512_store_si512(lanes[3], v.w3);
+  for (int j = 0; j < 16; ++j) {
+    uint32_t w[4];
+    mergopt::element_group_words(key, g + j, step, param_id, w[0], w[1], w[2], w[3]);
+    for (int k = 0; k < 4; ++k) {
+      if (lanes[k][j] != w[k] && word_mismatches++ < 5) {
+        EXPECT(false, "avx512 philox group %llx lane %d word %d: %08x != %08x", static_cast<unsigned long long>(g),
+               j, k, lanes[k][j], w[k]);
+      }
+    }
+  }
+}
+
+// The AVX-512 stream against the scalar one, bit for bit (as test_avx2_matches_scalar).
+MERGOPT_TEST_AVX512 void test_avx512_matches_scalar() {
+  const int failures_before = g_failures;
+  const mergopt::PhiloxKey key = mergopt::philox_key(0x9E3779B97F4A7C15ull ^ (1ull << 63));
+  std::mt19937_64 rng(77);
+  int word_mismatches = 0;
+  for (uint64_t hi = 0; hi < 3; ++hi) {
+    for (int back = 0; back <= 16; ++back) {  // every offset of the 16 lanes across lo = 0xffffffff
+      check_groups16(key, (hi << 32) + 0xfffffff0ull + back, 7, 3, word_mismatches);
+      check_groups16(key, (hi << 32) + back, 2, 0xfffffffeu, word_mismatches);
+    }
+  }
+  check_groups16(key, 0xfffffffffffffff0ull, 1, 1, word_mismatches);  // the last lane is G = 2**64 - 1
+  for (int i = 0; i < 50000; ++i) {
+    check_groups16(key, rng(), static_cast<uint32_t>(rng()), static_cast<uint32_t>(rng()), word_mismatches);
+  }
+  // The four-block call, whose rounds 1 and 2 take a scalar shortcut unless a lane carries.
+  for (int i = 0; i < 20000; ++i) {
+    uint64_t g = rng();
+    if (i < 130) g = (static_cast<uint64_t>(i % 3) << 32) + 0xffffffffull - 64 - 64 + i;  // the carry, both ways
+    const uint32_t step = static_cast<uint32_t>(rng());
+    const uint32_t param_id = static_cast<uint32_t>(rng());
+    mergopt::simd::Words16 blocks[4];
+    mergopt::simd::element_group_words16(blocks, key, g, step, param_id);
+    for (int b = 0; b < 4; ++b) {
+      alignas(64) uint32_t lanes[4][16];
+      _mm512_store_si512(lanes[0], blocks[b].w0);
+      _mm512_store_si512(lanes[1], blocks[b].w1);
+      _mm512_store_si512(lanes[2], blocks[b].w2);
+      _mm512_store_si512(lanes[3], blocks[b].w3);
+      for (int j = 0; j < 16; ++j) {
+        uint32_t w[4];
+        mergopt::element_group_words(key, g + 16 * b + j, step, param_id, w[0], w[1], w[2], w[3]);
+        for (int k = 0; k < 4; ++k) {
+          if (lanes[k][j] != w[k] && word_mismatches++ < 5) {
+            EXPECT(false, "avx512 4-block philox group %llx block %d lane %d word %d: %08x != %08x",
+                   static_cast<unsigned long long>(g), b, j, k, lanes[k][j], w[k]);
+          }
+        }
+      }
+    }
+  }
+  EXPECT(word_mismatches == 0, "%d avx512 philox word mismatches", word_mismatches);
+
+  const float locs[2] = {0.0f, 0.25f};
+  const float scales[2] = {1.0f, 5e-4f};
+  int noise_mismatches = 0;
+  for (int p = 0; p < 2; ++p) {
+    const __m512 loc16 = _mm512_set1_ps(locs[p]);
+    const __m512 scale16 = _mm512_set1_ps(scales[p]);
+    for (uint32_t hi = 0; hi < (1u << 24); hi += 16) {  // every value of w >> 8
+      alignas(64) uint32_t words[16];
+      for (int j = 0; j < 16; ++j) words[j] = ((hi + j) << 8) | static_cast<uint32_t>(rng() & 0xff);
+      if (hi == 0) words[0] = 0u;
+      if (hi + 16 == (1u << 24)) words[15] = 0xffffffffu;
+      alignas(64) float got[16];
+      _mm512_store_ps(got, mergopt::simd::laplace16(_mm512_load_si512(words), loc16, scale16));
+      for (int j = 0; j < 16; ++j) {
+        const float expected = mergopt::laplace_from_word(words[j], locs[p], scales[p]);
+        if (mergopt::float_to_bits(got[j]) != mergopt::float_to_bits(expected) && noise_mismatches++ < 5) {
+          EXPECT(false, "avx512 laplace(%08x) = %a, scalar %a", words[j], got[j], expected);
+        }
+      }
+    }
+    const uint32_t extremes[8] = {0u, 0xffffffffu, 0x80000000u, 0x7fffffffu, 0xffu, 0x100u, 0xffffff00u, 0x12345678u};
+    for (int i = 0; i < 100000; ++i) {
+      alignas(64) uint32_t wa[16];
+      alignas(64) uint32_t wb[16];
+      for (int j = 0; j < 16; ++j) {
+        wa[j] = i < 8 ? extremes[i] : static_cast<uint32_t>(rng());
+        wb[j] = i < 8 ? extremes[j % 8] : static_cast<uint32_t>(rng());
+      }
+      __m512 first;
+      __m512 second;
+      mergopt::simd::gaussian16(_mm512_load_si512(wa), _mm512_load_si512(wb), loc16, scale16, first, second);
+      alignas(64) float f[16];
+      alignas(64) float s[16];
+      _mm512_store_ps(f, first);
+      _mm512_store_ps(s, second);
+      for (int j = 0; j < 16; ++j) {
+        float ef;
+        float es;
+        mergopt::gaussian_from_words(wa[j], wb[j], locs[p], scales[p], ef, es);
+        if ((mergopt::float_to_bits(f[j]) != mergopt::float_to_bits(ef) ||
+             mergopt::float_to_bits(s[j]) != mergopt::float_to_bits(es)) &&
+            noise_mismatches++ < 5) {
+          EXPECT(false, "avx512 gaussian(%08x, %08x) = (%a, %a), scalar (%a, %a)", wa[j], wb[j], f[j], s[j], ef,
+                 es);
+        }
+      }
+    }
+  }
+  EXPECT(noise_mismatches == 0, "%d avx512 noise mismatches", noise_mismatches);
+
+  for (int dist = 0; dist < 2; ++dist) {
+    const auto d = static_cast<mergopt::Distribution>(dist);
+    for (uint64_t g : {0ull, 0xfffffff8ull, 0xffffffdaull, 12345678901ull}) {
+      float one[64];
+      float four[256];
+      mergopt::simd::scaled_noise64(one, key, g, 5, 9, d, 0.25f, 5e-4f, -0.75f);
+      mergopt::simd::scaled_noise16<4>(four, key, g, 5, 9, d, 0.25f, 5e-4f, -0.75f);
+      for (int j = 0; j < 64; ++j) {
+        uint32_t w[4];
+        float z[4];
+        mergopt::element_group_words(key, g + j, 5, 9, w[0], w[1], w[2], w[3]);
+        mergopt::noise_from_words(d, w[0], w[1], w[2], w[3], 0.25f, 5e-4f, z);
+        for (int k = 0; k < 4; ++k) {
+          const uint32_t expected = mergopt::float_to_bits(-0.75f * z[k]);
+          EXPECT(mergopt::float_to_bits(four[4 * j + k]) == expected && (j >= 16 || mergopt::float_to_bits(one[4 * j + k]) == expected),
+                 "scaled_noise16 dist %d group %llx element %d: %a, %a != %a", dist,
+                 static_cast<unsigned long long>(g), 4 * j + k, four[4 * j + k], j < 16 ? one[4 * j + k] : 0.0f,
+                 -0.75f * z[k]);
+        }
+      }
+    }
+  }
+  if (g_failures == failures_before) std::printf("avx512 stream: bit-identical to the scalar stream\n");
+}
+#endif
+
 }  // namespace
 
 int main() {
@@ -204,6 +499,20 @@ int main() {
   test_adamw_against_double();
   test_log_exhaustive();
   test_sincos_exhaustive();
+#if MERGOPT_HAVE_AVX2
+  if (mergopt::simd::cpu_has_avx2()) {
+    test_avx2_matches_scalar();
+  } else {
+    std::printf("avx2 stream: skipped, the CPU has no AVX2\n");
+  }
+#endif
+#if MERGOPT_HAVE_AVX512
+  if (mergopt::simd::cpu_has_avx512()) {
+    test_avx512_matches_scalar();
+  } else {
+    std::printf("avx512 stream: skipped, the CPU has no AVX-512\n");
+  }
+#endif
   if (g_failures) {
     std::fprintf(stderr, "%d failure(s)\n", g_failures);
     return EXIT_FAILURE;
