@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--tasks", nargs="+", choices=list(VIEWS), default=None, metavar="TASK",
                       help=f"tasks (views of the digits), at least two; choices {list(VIEWS)}; "
                            f"default all: {' '.join(DEFAULT_TASKS)}")
-    demo.add_argument("--seeds", type=_positive_int, default=None, help="number of seeds (default 3, --quick 1)")
+    demo.add_argument("--seeds", type=_positive_int, default=None, help="number of seeds (default 10, --quick 1)")
     demo.add_argument("--epochs", type=_positive_int, default=None,
                       help="fine-tuning epochs per expert (default 3, --quick 1)")
     demo.add_argument("--noise-scale", type=_non_negative_float, default=None,

@@ -47,7 +47,7 @@ class DemoConfig:
     """
 
     tasks: tuple[str, ...] = DEFAULT_TASKS
-    seeds: int = 3
+    seeds: int = 10
     noise_scale: float | None = None
     distribution: str = "laplace"
     merges: tuple[str, ...] = tuple(MERGES)
