@@ -137,3 +137,9 @@ def step_scale(seed: int, step: int, alphas, k_max: int) -> float:
     k = 1 + ((int(w1) * k_max) >> 32)
     product = torch.tensor(k, dtype=torch.float32) * torch.tensor(alphas[alpha_index], dtype=torch.float32)
     return float(product - 1.0)
+
+
+def seed_as_int64(seed: int) -> int:
+    """The int64 whose two's-complement bits are the 64-bit ``seed``: how kernels take it."""
+    seed &= (1 << 64) - 1
+    return seed - (1 << 64) if seed >= 1 << 63 else seed

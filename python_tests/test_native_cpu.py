@@ -36,7 +36,7 @@ def ops():
 
 @pytest.mark.parametrize("param_id,step,start,count", [(0, 1, 0, 4096), (3, 7, 5, 1001), (11, 2**31, 2**34 + 3, 37)])
 def test_words_bitwise(param_id, step, start, count):
-    got = ops().noise_words(native.seed_as_int64(SEED), param_id, step, start, count)
+    got = ops().noise_words(noise.seed_as_int64(SEED), param_id, step, start, count)
     expected = noise.element_words(SEED, param_id, step, start, count)
     assert torch.equal(got, expected)
 
@@ -62,7 +62,7 @@ def test_noise_within_ulps(distribution, loc, scale):
     two products) leaves both implementations up to ~2.3 ulp from the exact formula, so each is held
     to 2.5 ulp of that and to 4 ulp of the other."""
     count = 1 << 16
-    got = ops().element_noise(native.seed_as_int64(SEED), 4, 9, 0, count, loc, scale, distribution)
+    got = ops().element_noise(noise.seed_as_int64(SEED), 4, 9, 0, count, loc, scale, distribution)
     expected = noise.element_noise(SEED, 4, 9, 0, count, loc, scale, distribution)
     assert torch.isfinite(got).all()
     unit = noise_ulp(expected, loc)
@@ -76,7 +76,7 @@ def test_noise_within_ulps(distribution, loc, scale):
 
 def test_step_scale_bitwise():
     for step in (1, 2, 3, 1000, 2**32 - 1):
-        got = ops().step_scale(native.seed_as_int64(SEED), step, ALPHAS, K_MAX)
+        got = ops().step_scale(noise.seed_as_int64(SEED), step, ALPHAS, K_MAX)
         assert got == noise.step_scale(SEED, step, ALPHAS, K_MAX)
 
 
@@ -86,7 +86,7 @@ def _call(state, *, seed=SEED, t, restore, apply_offset, noise_scale=5e-4, noise
     n = len(state["params"])
     ops().fused_step(state["params"], state["grads"], state["exp_avgs"], state["exp_avg_sqs"],
                      state["max_exp_avg_sqs"], state["masters"], state["steps"],
-                     list(param_ids or range(10, 10 + n)), list(bases[:n]), native.seed_as_int64(seed),
+                     list(param_ids or range(10, 10 + n)), list(bases[:n]), noise.seed_as_int64(seed),
                      torch.tensor([t]), lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, noise_loc,
                      noise_scale, ALPHAS, K_MAX, distribution, restore, apply_offset)
 
@@ -252,7 +252,7 @@ def test_opcheck():
     sizes = (5, 9)
     args = ([torch.randn(n) for n in sizes], [torch.randn(sizes[0]), None], [torch.zeros(n) for n in sizes],
             [torch.zeros(n) for n in sizes], [], [], [torch.tensor(1.0) for _ in sizes], [0, 1], [0, 2],
-            native.seed_as_int64(SEED), torch.tensor([1]), 1e-3, 0.9, 0.999, 1e-8, 0.01, False, False, 0.0,
+            noise.seed_as_int64(SEED), torch.tensor([1]), 1e-3, 0.9, 0.999, 1e-8, 0.01, False, False, 0.0,
             5e-4, ALPHAS, K_MAX, "laplace", True, 1)
     torch.library.opcheck(torch.ops.mergopt_kernels.fused_step.default, args)
 

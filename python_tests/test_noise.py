@@ -46,10 +46,9 @@ def triton_dump(seed, param_id, step, first_group, groups, block_g, distribution
     values = torch.empty(4 * groups, dtype=torch.float32)
     step_scale = torch.empty(1, dtype=torch.float32)
     alphas = torch.tensor(ALPHAS, dtype=torch.float32)
-    signed_seed = seed - (1 << 64) if seed >= 1 << 63 else seed
-    _dump_kernel[(groups // block_g,)](words, values, step_scale, alphas, signed_seed, param_id, step,
-                                       first_group, loc, scale, len(ALPHAS), 7, BLOCK_G=block_g,
-                                       GAUSSIAN=distribution == "gaussian")
+    _dump_kernel[(groups // block_g,)](words, values, step_scale, alphas, noise.seed_as_int64(seed),
+                                       param_id, step, first_group, loc, scale, len(ALPHAS), 7,
+                                       BLOCK_G=block_g, GAUSSIAN=distribution == "gaussian")
     return words & 0xFFFFFFFF, values, float(step_scale)
 
 

@@ -2,7 +2,7 @@
 
 It registers ``torch.ops.mergopt_kernels.fused_step`` for CPU tensors and, where it was built
 with CUDA, for CUDA tensors; the schema and semantics are those of ``ops/torch_step.fused_step``,
-except that ``seed`` must be an int64: pass ``seed_as_int64(seed)`` (the same 64 bits,
+except that ``seed`` must be an int64: pass ``noise.seed_as_int64(seed)`` (the same 64 bits,
 two's-complement). Nothing is loaded at import time; the first ``available()`` or ``fused_step``
 call loads the library, and if it is missing warns once and reports it unavailable.
 """
@@ -14,6 +14,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from .. import noise
 
 _LOCK = threading.Lock()
 _STATE: dict = {}  # "loaded": bool, "devices": frozenset of device types with a kernel
@@ -66,12 +68,6 @@ def available(device_type: str = "cpu") -> bool:
     return device_type in _load()["devices"]
 
 
-def seed_as_int64(seed: int) -> int:
-    """The int64 whose two's-complement bits are the 64-bit ``seed`` (the op's ``seed`` argument)."""
-    seed &= (1 << 64) - 1
-    return seed - (1 << 64) if seed >= 1 << 63 else seed
-
-
 def fused_step(**kwargs) -> None:
     """``torch.ops.mergopt_kernels.fused_step`` with the keyword arguments of ``torch_step.fused_step``.
 
@@ -79,7 +75,7 @@ def fused_step(**kwargs) -> None:
     """
     if not _load()["loaded"]:
         raise RuntimeError("mergopt_kernels native library is not available")
-    kwargs["seed"] = seed_as_int64(kwargs["seed"])
+    kwargs["seed"] = noise.seed_as_int64(kwargs["seed"])
     kwargs["lr"] = float(kwargs["lr"])
     kwargs["grads"] = list(kwargs["grads"])
     torch.ops.mergopt_kernels.fused_step(**kwargs)

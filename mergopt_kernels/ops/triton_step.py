@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import noise
 from . import triton_noise
 
 # Columns of the tensor table (int64): one row per tensor.
@@ -223,11 +224,10 @@ def fused_step(params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Te
     tensor_table, block_table = tables.get(rows, groups_per_block, device)
     alphas = _device_alphas(alphas, device)
     lr_is_tensor = isinstance(lr, torch.Tensor)
-    signed_seed = seed - (1 << 64) if seed >= 1 << 63 else seed
     _fused_step_kernel[(block_table.shape[0],)](
         # Without a tensor lr, lr_ptr is never read: any valid pointer fills the slot.
         tensor_table, block_table, noise_step, alphas, lr if lr_is_tensor else alphas,
-        signed_seed, 0.0 if lr_is_tensor else float(lr), float(beta1), float(beta2), float(eps),
+        noise.seed_as_int64(seed), 0.0 if lr_is_tensor else float(lr), float(beta1), float(beta2), float(eps),
         float(weight_decay), float(noise_loc), float(noise_scale), alphas.numel(), int(k_max),
         PARAM_DTYPE=_TL_DTYPES[params[0].dtype], HAS_MASTER=bool(masters), AMSGRAD=bool(amsgrad),
         MAXIMIZE=bool(maximize), NOISY=noise_scale != 0.0, RESTORE=bool(restore),
@@ -273,9 +273,8 @@ def fused_step_op(**kwargs) -> None:
     if not kwargs["params"]:
         return
     lr = kwargs.pop("lr")
-    seed = kwargs.pop("seed") & ((1 << 64) - 1)
     lr_is_tensor = isinstance(lr, torch.Tensor)
     kwargs["grads"] = list(kwargs["grads"])
     torch.ops.mergopt_triton.fused_step(
-        **kwargs, seed=seed - (1 << 64) if seed >= 1 << 63 else seed,
+        **kwargs, seed=noise.seed_as_int64(kwargs.pop("seed")),
         lr=0.0 if lr_is_tensor else float(lr), lr_tensor=lr if lr_is_tensor else None)

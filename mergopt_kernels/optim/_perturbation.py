@@ -89,19 +89,11 @@ def index_base(p: torch.Tensor) -> int:
     """
     if _DTensor is None or not isinstance(p, _DTensor) or p.dim() == 0:
         return 0
-    try:
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-        _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-        row_offset = int(offset[0])
-    except ImportError:  # pragma: no cover - the helper exists in torch 2.11 to 2.13
-        row_offset = 0
-        rows = p.shape[0]
-        for mesh_dim, placement in enumerate(p.placements):
-            if placement.is_shard(0):
-                size = p.device_mesh.size(mesh_dim)
-                chunk = -(-rows // size)
-                row_offset += min(chunk * p.device_mesh.get_local_rank(mesh_dim), rows)
-                rows = chunk
+    # Public in effect (FSDP2 and DCP use it); present in torch 2.11 to 2.13.
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    row_offset = int(offset[0])
     return row_offset * math.prod(p.shape[1:])
 
 
