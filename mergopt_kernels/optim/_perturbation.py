@@ -171,6 +171,17 @@ class PerturbationMixin:
         self._perturbed = True
         self._ready = True
 
+    def _begin_step(self, closure: Optional[Callable[[], torch.Tensor]]) -> Optional[torch.Tensor]:
+        """What every step does first: run the closure (at the perturbed weights) and, when the
+        perturbation was removed, let masters take weights written into the parameters since."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self._perturbed:
+            self._sync_masters_with_params()
+        return loss
+
     def _param_ids(self) -> dict:
         """The parameters' identities in the noise stream: positions in the optimizer's list."""
         params = [p for group in self.param_groups for p in group["params"]]

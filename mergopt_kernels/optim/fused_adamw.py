@@ -91,12 +91,7 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
         """One MergOPT step. The closure, if given, runs first (at the perturbed weights)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        if not self._perturbed:
-            self._sync_masters_with_params()
+        loss = self._begin_step(closure)
         buckets = list(self._buckets())
         for _, _, params in buckets:
             for p in params:

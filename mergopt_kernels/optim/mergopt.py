@@ -68,12 +68,7 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
         """Remove z_t, run ``base.step()``, write z_{t+1}. The closure runs first, perturbed."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        if not self._perturbed:
-            self._sync_masters_with_params()
+        loss = self._begin_step(closure)
         self.remove_perturbation()
         self.base.step()
         for group in self.param_groups:
