@@ -36,7 +36,7 @@ MODES = {
     "smoke": Mode("smoke", "cpu", ("tiny",), (("tiny", 2, 32, ("float32", "bfloat16")),),
                   slow_max_params=10**6, slow_rounds={10**6: 1}, target_s=0.0, copy_mib=8),
     # bf16 matmuls run ~10x slower than fp32 on CPUs without bf16 units: bf16 on the 1M model.
-    "cpu": Mode("cpu", "cpu", ("1M", "10M", "20x1M"),
+    "cpu": Mode("cpu", "cpu", ("1M", "10M", "20x1M", "100M"),
                 (("10M", 4, 128, ("float32",)), ("1M", 2, 64, ("bfloat16",))),
                 slow_max_params=25 * 10**6, slow_rounds={2 * 10**6: 5, 11 * 10**6: 3, 25 * 10**6: 2},
                 target_s=2.0, copy_mib=256),
