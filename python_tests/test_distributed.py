@@ -102,9 +102,11 @@ def test_fsdp2_matches_one_process_on_every_cpu_backend(backend):
     run_ranks(parity_worker, backend)
 
 
-def fsdp_worker(rank, world_size, checkpoint_dir):
+def fsdp_worker(rank, world_size, checkpoint_dir, flatten):
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    options = StateDictOptions(flatten_optimizer_state_dict=flatten)
 
     x, y = batch()
     plain = make_model(0)
@@ -125,7 +127,7 @@ def fsdp_worker(rank, world_size, checkpoint_dir):
 
     # Save clean weights and the optimizer with torch.distributed.checkpoint, then go on.
     with opt.clean_weights():
-        model_sd, optim_sd = get_state_dict(model, opt)
+        model_sd, optim_sd = get_state_dict(model, opt, options=options)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=checkpoint_dir)
     more = 3
     losses = [train_step(model, opt, x, y) for _ in range(more)]
@@ -136,9 +138,9 @@ def fsdp_worker(rank, world_size, checkpoint_dir):
     model2 = shard(make_model(123))
     opt2 = FusedMergOptAdamW(model2.parameters(), seed=12345, **OPT_KWARGS)
     with opt2.clean_weights():  # the loaded weights are theta; load_state_dict perturbs them
-        model_sd2, optim_sd2 = get_state_dict(model2, opt2)
+        model_sd2, optim_sd2 = get_state_dict(model2, opt2, options=options)
         dcp.load({"model": model_sd2, "optim": optim_sd2}, checkpoint_id=checkpoint_dir)
-        set_state_dict(model2, opt2, model_state_dict=model_sd2, optim_state_dict=optim_sd2)
+        set_state_dict(model2, opt2, model_state_dict=model_sd2, optim_state_dict=optim_sd2, options=options)
     assert opt2.seed == SEED and opt2.noise_step() == steps + 1
     resumed = [train_step(model2, opt2, x, y) for _ in range(more)]
     for a, b in zip(resumed, losses):
@@ -147,8 +149,10 @@ def fsdp_worker(rank, world_size, checkpoint_dir):
         assert_close(full(model2), expected, steps + more, "resumed clean weights")
 
 
-def test_fsdp2_matches_one_process_and_resumes_from_dcp(tmp_path):
-    run_ranks(fsdp_worker, str(tmp_path / "checkpoint"))
+@pytest.mark.parametrize("flatten", [False, True], ids=["nested", "flattened"])
+def test_fsdp2_matches_one_process_and_resumes_from_dcp(tmp_path, flatten):
+    """Optimizer state dicts nested (DCP's default) or flattened (torchtitan's choice)."""
+    run_ranks(fsdp_worker, str(tmp_path / "checkpoint"), flatten)
 
 
 def seed_worker(rank, world_size):

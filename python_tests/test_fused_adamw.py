@@ -395,5 +395,6 @@ def test_param_group_added_later_is_perturbed(shifted_seed):
     opt = FusedMergOptAdamW([first], lr=1e-2, noise_scale=1e-2, seed=shifted_seed)
     opt.add_param_group({"params": [later]})
     assert not torch.equal(later, later_before)
+    assert (opt.param_groups[1]["mergopt_seed"], opt.param_groups[1]["mergopt_noise_step"]) == (shifted_seed, 1)
     with opt.clean_weights():
         torch.testing.assert_close(later.detach(), later_before, rtol=2 * EPS32, atol=2 * EPS32)

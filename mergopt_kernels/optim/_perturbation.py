@@ -170,6 +170,7 @@ class PerturbationMixin:
             self._noise_pass(restore=False, apply_offset=0)
         self._perturbed = True
         self._ready = True
+        self._stamp_param_groups()
 
     def _begin_step(self, closure: Optional[Callable[[], torch.Tensor]]) -> Optional[torch.Tensor]:
         """What every step does first: run the closure (at the perturbed weights) and, when the
@@ -265,8 +266,10 @@ class PerturbationMixin:
             cache=cache, **adam)
 
     def _perturb_group(self, index: int) -> None:
-        """Write the current perturbation into group ``index`` (a group added while perturbed)."""
+        """Give group ``index``, added after construction, the noise-state keys and (while
+        perturbed) the current perturbation."""
         group = self.param_groups[index]
+        self._stamp_param_groups()
         if self._perturbed and group["noise_scale"] != 0:
             for _, _, params in (b for b in self._buckets() if b[0] == index):
                 self._launch(index, group, params, [None] * len(params), restore=False, apply_offset=0)
@@ -351,12 +354,25 @@ class PerturbationMixin:
     def _mergopt_state(self) -> dict:
         return {"seed": self._seed, "noise_step": self.noise_step()}
 
+    def _stamp_param_groups(self) -> dict:
+        """Write the noise state into every live param group as ``mergopt_seed`` and
+        ``mergopt_noise_step`` (reads the step: syncs) and return it.
+
+        torch.distributed.checkpoint rebuilds a flattened optimizer state dict from the keys of
+        the live groups, so the keys must be there for the saved values to be loaded back; their
+        values are those of the last ``state_dict()``, construction or load.
+        """
+        saved = self._mergopt_state()
+        for group in self.param_groups:
+            group["mergopt_seed"], group["mergopt_noise_step"] = saved["seed"], saved["noise_step"]
+        return saved
+
     def _with_mergopt_state(self, state: dict) -> dict:
         """``state`` (torch's optimizer state dict) plus the noise state, twice: as
         ``state["mergopt"]`` and as ``mergopt_seed``/``mergopt_noise_step`` in every saved param
         group, which torch.distributed.checkpoint keeps (it keeps only "state" and
         "param_groups")."""
-        saved = self._mergopt_state()
+        saved = self._stamp_param_groups()
         state["param_groups"] = [dict(group, mergopt_seed=saved["seed"], mergopt_noise_step=saved["noise_step"])
                                  for group in state["param_groups"]]
         state["mergopt"] = saved
@@ -398,3 +414,4 @@ class PerturbationMixin:
         self._noise_step_start = step
         for tensor in self._noise_steps.values():
             tensor.fill_(step)
+        self._stamp_param_groups()
