@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from mergopt_kernels import FusedMergOptAdamW, noise
+from mergopt_kernels import FusedMergOptAdamW, MergOpt, noise
 from mergopt_kernels.reference import ReferenceMergOpt
 
 SHAPES = [(1,), (7,), (13, 17), (4099,)]
@@ -398,3 +398,31 @@ def test_param_group_added_later_is_perturbed(shifted_seed):
     assert (opt.param_groups[1]["mergopt_seed"], opt.param_groups[1]["mergopt_noise_step"]) == (shifted_seed, 1)
     with opt.clean_weights():
         torch.testing.assert_close(later.detach(), later_before, rtol=2 * EPS32, atol=2 * EPS32)
+
+
+@pytest.mark.parametrize("wrapper", [False, True], ids=["fused", "mergopt"])
+def test_noise_options_changed_between_steps_restore_what_was_applied(device_backend, wrapper, shifted_seed):
+    """A noise schedule: each restore removes the perturbation the parameters hold, written with
+    the options of its time, whatever the options are now. With lr 0 theta never moves."""
+    device, backend = device_backend
+    params = make_params(SHAPES, device=device)
+    theta = [p.detach().clone() for p in params]
+    scale = max(t.abs().max().item() for t in theta) + 0.1
+    kwargs = dict(noise_scale=1e-2, seed=shifted_seed, backend=backend)
+    opt = MergOpt(torch.optim.SGD(params, lr=0.0), **kwargs) if wrapper else \
+        FusedMergOptAdamW(params, lr=0.0, weight_decay=0.0, **kwargs)
+    schedule = [dict(noise_scale=5e-3), dict(distribution="gaussian", alphas=(0.3,)),
+                dict(noise_scale=0.0), dict(noise_scale=2e-2, noise_loc=1e-3), dict(k_max=3)]
+    for step, change in enumerate(schedule, start=1):
+        set_grads(params)
+        opt.step()
+        opt.param_groups[0].update(change)
+        # One rounding (<= |x| 2**-24) per apply and per restore: EPS32 * |x| a step, twice over.
+        with opt.clean_weights():
+            torch.testing.assert_close(params, theta, rtol=0, atol=2 * step * EPS32 * scale)
+    opt.step()
+    opt.remove_perturbation()
+    torch.testing.assert_close(params, theta, rtol=0, atol=2 * (len(schedule) + 1) * EPS32 * scale)
+    with pytest.raises(ValueError, match="noise_scale"):
+        opt.param_groups[0]["noise_scale"] = -1.0
+        opt.step()

@@ -23,8 +23,8 @@ try:
 except ImportError:  # pragma: no cover - torch built without distributed
     _DTensor = None
 
-NOISE_DEFAULTS = dict(noise_scale=5e-4, noise_loc=0.0, alphas=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6),
-                      k_max=7, distribution="laplace")
+# ops.fused_step's noise arguments with the noise off (nothing is drawn).
+NOISE_OFF = dict(noise_scale=0.0, noise_loc=0.0, alphas=(1.0,), k_max=1, distribution="laplace")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MASK64 = (1 << 64) - 1
 
@@ -52,12 +52,25 @@ def check_noise_options(group: dict) -> None:
     alphas = tuple(float(a) for a in alphas)
     if not alphas or any(not math.isfinite(a) or a <= 0 for a in alphas):
         raise ValueError(f"alphas must be a non-empty sequence of positive finite numbers, got {alphas}")
-    group["alphas"] = alphas
+    if group["alphas"] != alphas:  # no write when already normal: compiled steps stay one graph
+        group["alphas"] = alphas
     k_max = group["k_max"]
-    if isinstance(k_max, bool) or not isinstance(k_max, int) or k_max < 1:
-        raise ValueError(f"k_max must be an integer >= 1, got {k_max!r}")
+    if isinstance(k_max, bool) or not isinstance(k_max, int) or not 1 <= k_max < 2**32 - 1:
+        raise ValueError(f"k_max must be an integer in [1, 2**32 - 1), got {k_max!r}")
     if group["distribution"] not in noise.DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {noise.DISTRIBUTIONS}, got {group['distribution']!r}")
+
+
+NOISE_OPTIONS = ("noise_scale", "noise_loc", "alphas", "k_max", "distribution")
+
+
+def noise_options(group: dict) -> Optional[dict]:
+    """A checked group's noise options as plain values, or None when its noise is off."""
+    if float(group["noise_scale"]) == 0.0:
+        return None
+    options = {k: group[k] for k in NOISE_OPTIONS}
+    options["noise_scale"], options["noise_loc"] = float(options["noise_scale"]), float(options["noise_loc"])
+    return options
 
 
 def local_tensor(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -164,6 +177,9 @@ class PerturbationMixin:
         self._noise_steps: dict[torch.device, torch.Tensor] = {}
         self._noise_step_start = 1
         self._launch_caches: dict = {}
+        # Group index -> the noise options that wrote the perturbation it holds: restores use
+        # them, so options changed between steps (a noise schedule) are applied cleanly.
+        self._applied_noise: dict[int, dict] = {}
         with torch.no_grad():
             for group in self.param_groups:
                 init_state(group["params"])
@@ -219,12 +235,13 @@ class PerturbationMixin:
                 yield index, group, params
 
     @torch.no_grad()
-    def _launch(self, index: int, group: dict, params: list, grads: list, *, restore: bool,
-                apply_offset: int, adam: Optional[dict] = None) -> None:
-        """One fused pass over a bucket. ``adam`` holds the AdamW state lists when grads are given."""
+    def _launch(self, index: int, params: list, grads: list, noise: Optional[dict], *,
+                restore: bool, apply_offset: int, adam: Optional[dict] = None) -> None:
+        """One fused pass over a bucket of group ``index``, with the ``noise`` options (None:
+        noise off). ``adam`` holds the AdamW state lists when grads are given."""
         device = params[0].device
         ids = self._param_ids()
-        masters = [self.state[p]["master"] for p in params] if needs_master(params[0]) else []
+        masters = [self._master_holder(p)["master"] for p in params] if needs_master(params[0]) else []
         noise_only = adam is None
         if noise_only:  # no moment is read: placeholders fill the lists
             placeholders = [torch.empty(0, device=device)] * len(params)
@@ -260,31 +277,44 @@ class PerturbationMixin:
         ops.fused_step(
             backend, params=params, grads=grads,
             masters=masters, param_ids=param_ids, index_bases=index_bases,
-            seed=self._seed, noise_step=self._noise_step(device), noise_loc=group["noise_loc"],
-            noise_scale=float(group["noise_scale"]), alphas=group["alphas"], k_max=group["k_max"],
-            distribution=group["distribution"], restore=restore, apply_offset=apply_offset,
-            cache=cache, **adam)
+            seed=self._seed, noise_step=self._noise_step(device), restore=restore,
+            apply_offset=apply_offset, cache=cache, **(noise or NOISE_OFF), **adam)
 
     def _perturb_group(self, index: int) -> None:
         """Give group ``index``, added after construction, the noise-state keys and (while
         perturbed) the current perturbation."""
-        group = self.param_groups[index]
         self._stamp_param_groups()
-        if self._perturbed and group["noise_scale"] != 0:
-            for _, _, params in (b for b in self._buckets() if b[0] == index):
-                self._launch(index, group, params, [None] * len(params), restore=False, apply_offset=0)
+        if self._perturbed:
+            self._noise_pass(restore=False, apply_offset=0, only_group=index)
 
-    def _noise_pass(self, *, restore: bool, apply_offset: int) -> None:
-        """Restore and/or write the perturbation of every noisy parameter, without updating."""
+    def _noise_pass(self, *, restore: bool, apply_offset: int, only_group: Optional[int] = None) -> None:
+        """Restore (with the options that wrote it) or write (with the current options) the
+        perturbation of every noisy parameter, without updating."""
         for index, group, params in self._buckets():
-            if group["noise_scale"] != 0:
-                self._launch(index, group, params, [None] * len(params), restore=restore,
+            if only_group is not None and index != only_group:
+                continue
+            noise = self._applied_noise.get(index) if restore else noise_options(group)
+            if noise is not None:
+                self._launch(index, params, [None] * len(params), noise, restore=restore,
                              apply_offset=apply_offset)
+        for index, group in enumerate(self.param_groups):
+            if only_group is None or index == only_group:
+                self._record_applied(index, None if restore else noise_options(group))
+
+    def _record_applied(self, index: int, noise: Optional[dict]) -> None:
+        if noise is None:
+            self._applied_noise.pop(index, None)
+        else:
+            self._applied_noise[index] = noise
+
+    def _master_holder(self, p: torch.Tensor) -> dict:
+        """The dict whose ``"master"`` entry is ``p``'s fp32 master: its optimizer state."""
+        return self.state[p]
 
     def _init_masters(self, params: list) -> None:
         for p in params:
-            if needs_master(p) and "master" not in self.state[p]:
-                self.state[p]["master"] = p.detach().float()
+            if needs_master(p) and "master" not in self._master_holder(p):
+                self._master_holder(p)["master"] = p.detach().float()
 
     @contextlib.contextmanager
     def clean_weights(self):
@@ -313,7 +343,7 @@ class PerturbationMixin:
     def _sync_masters_with_params(self) -> None:
         for group in self.param_groups:
             for p in group["params"]:
-                master = self.state[p].get("master")
+                master = self._master_holder(p).get("master")
                 if master is not None:
                     changed = master.to(p.dtype) != p
                     master.copy_(torch.where(changed, p.float(), master))

@@ -9,7 +9,6 @@ import torch
 
 from . import _perturbation as pt
 
-ADAM_STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master")
 
 
 class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
@@ -92,6 +91,8 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
         """One MergOPT step. The closure, if given, runs first (at the perturbed weights)."""
         loss = self._begin_step(closure)
+        for group in self.param_groups:  # noise options may change between steps
+            pt.check_noise_options(group)
         buckets = list(self._buckets())
         for _, _, params in buckets:
             for p in params:
@@ -100,7 +101,11 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
         for index, group, params in buckets:
             grads = [p.grad if p.grad is None or p.grad.is_contiguous() else p.grad.contiguous()
                      for p in params]
-            if group["noise_scale"] == 0:
+            applied = self._applied_noise.get(index) if self._perturbed else None
+            noise = pt.noise_options(group)
+            if applied is not None and applied != noise:  # options changed since: restore apart
+                self._launch(index, params, [None] * len(params), applied, restore=True, apply_offset=-1)
+            if noise is None:
                 params, grads = _with_grads(params, grads)
                 if not params:
                     continue
@@ -116,10 +121,12 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
                 beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
                 weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
                 maximize=group["maximize"])
-            self._launch(index, group, params, grads, restore=self._perturbed, apply_offset=1,
-                         adam=adam if any(with_grad) else None)
+            self._launch(index, params, grads, noise, restore=applied is not None and applied == noise,
+                         apply_offset=1, adam=adam if any(with_grad) else None)
         self._advance_noise_step()
         self._perturbed = True
+        for index, group in enumerate(self.param_groups):
+            self._record_applied(index, pt.noise_options(group))
         return loss
 
     def state_dict(self) -> dict:

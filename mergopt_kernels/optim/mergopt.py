@@ -15,8 +15,9 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
     The wrapper shares ``base``'s param groups (the same dicts) and state, so an LR scheduler
     attached to it drives the learning rate ``base`` uses. Each ``step()`` is three passes:
     remove the perturbation (regenerated from the Philox stream, never stored),
-    ``base.step()``, write the next perturbation. bfloat16/float16 parameters keep an fp32
-    ``master`` copy in the state for an exact restore.
+    ``base.step()``, write the next perturbation. bfloat16/float16 parameters keep an exact
+    fp32 copy of theta for the restore, held by the wrapper (not in ``base``'s state, which
+    optimizers such as Adam fill lazily) and rebuilt from the clean parameters on load.
 
     Args:
         base: a constructed torch optimizer; its groups get the noise options below as defaults.
@@ -47,6 +48,7 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
         for group, options in zip(self.param_groups, checked):
             group.update(options)
         self.state = base.state
+        self._masters: dict = {}  # parameter -> {"master": exact fp32 copy of theta}
         self._start_perturbation(seed, backend, self._init_masters)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -55,9 +57,12 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
             super().add_param_group(param_group)
             return
         group = dict(param_group)
+        params = group["params"]
+        group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
         for name, default in self.defaults.items():
             group.setdefault(name, default)
         pt.check_noise_options(group)
+        pt.check_params(group["params"], {id(p) for g in self.param_groups for p in g["params"]})
         self.base.add_param_group(group)
         added = self.base.param_groups[-1]
         self.param_groups.append(added)
@@ -69,22 +74,27 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
         """Remove z_t, run ``base.step()``, write z_{t+1}. The closure runs first, perturbed."""
         loss = self._begin_step(closure)
+        for group in self.param_groups:  # noise options may change between steps
+            pt.check_noise_options(group)
         self.remove_perturbation()
         self.base.step()
         for group in self.param_groups:
             for p in group["params"]:
                 if pt.needs_master(p):
-                    self.state[p]["master"].copy_(p)
+                    self._masters[p]["master"].copy_(p)
         self._noise_pass(restore=False, apply_offset=1)
         self._advance_noise_step()
         self._perturbed = True
         return loss
 
+    def _master_holder(self, p: torch.Tensor) -> dict:
+        return self._masters.setdefault(p, {})
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
-        """The base optimizer's state (with masters) plus ``"mergopt": {"seed", "noise_step"}``."""
+        """The base optimizer's state plus ``"mergopt": {"seed", "noise_step"}``."""
         return self._with_mergopt_state(self.base.state_dict())
 
     @torch.no_grad()
@@ -95,11 +105,9 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
         self.base.load_state_dict(state_dict)
         self.param_groups = self.base.param_groups
         self.state = self.base.state
+        self._masters.clear()  # the parameters hold the clean weights now
         for group in self.param_groups:
             pt.check_noise_options(group)
-            for p in group["params"]:
-                if pt.needs_master(p) and "master" in self.state[p]:
-                    self.state[p]["master"] = self.state[p]["master"].float()
             self._init_masters(group["params"])
         self._load_mergopt_state(mergopt_state)
         self._noise_pass(restore=False, apply_offset=0)
