@@ -342,6 +342,7 @@ BAD_ARGUMENTS = [
     (dict(alphas=0.3), TypeError, "alphas"),
     (dict(k_max=0), ValueError, "k_max"),
     (dict(k_max=2.5), ValueError, "k_max"),
+    (dict(k_max=2**32 - 1), ValueError, "k_max"),
     (dict(distribution="uniform"), ValueError, "distribution"),
     (dict(seed=-1), ValueError, "seed"),
     (dict(seed=2**64), ValueError, "seed"),
@@ -370,6 +371,7 @@ def test_bad_params_raise_and_touch_nothing():
         ([good, torch.nn.Parameter(torch.randn(3, dtype=torch.float64))], TypeError, "dtype"),
         ([good, torch.nn.Parameter(torch.randn(4, 3).t())], ValueError, "contiguous"),
         ([good, torch.nn.Parameter(torch.randn(3, device="meta"))], ValueError, "share a device"),
+        ([{"params": {good}}], TypeError, "not a set"),
     ]
     for params, error, match in cases:
         with pytest.raises(error, match=match):

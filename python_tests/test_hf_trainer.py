@@ -59,7 +59,8 @@ def losses(trainer):
 
 
 def test_forward_sees_perturbed_weights_and_checkpoints_hold_clean_ones(tmp_path, fresh_seed):
-    """Two micro-batches per step (3 epochs of 2 steps) and an evaluation every other step."""
+    """Two micro-batches per step (3 epochs of 2 steps), an evaluation before training
+    (eval_on_start) and every other step."""
     seen, evaluated = {}, {}
 
     def record(module, args):  # the weights the training and evaluation forwards use
@@ -67,17 +68,18 @@ def test_forward_sees_perturbed_weights_and_checkpoints_hold_clean_ones(tmp_path
             module.weight.detach().clone())
 
     trainer, model, opt = make_trainer(tmp_path, fresh_seed, hook=record, gradient_accumulation_steps=2,
-                                       eval_strategy="steps", eval_steps=2)
+                                       eval_strategy="steps", eval_steps=2, eval_on_start=True)
     initial = model.transformer.h[0].mlp.c_fc.weight.detach().clone()  # clean: the callback removed z_1
     trainer.train()
     assert sorted(seen) == list(range(1, MAX_STEPS + 1))
     for t, forwards in seen.items():  # the micro-batches of a step see the same weights
         assert len(forwards) == 2 and torch.equal(forwards[0], forwards[1])
     seen = {t: forwards[0] for t, forwards in seen.items()}
-    # Evaluation after step k sees theta_{k+1}, which checkpoint-k holds.
-    assert sorted(evaluated) == [3, 5, 7]
+    # Evaluation after step k sees theta_{k+1}, which checkpoint-k holds; before training, theta_1.
+    assert sorted(evaluated) == [1, 3, 5, 7]
     for t, forwards in evaluated.items():
-        assert all(torch.equal(w, checkpoint_weight(tmp_path, t - 1)) for w in forwards)
+        clean = initial if t == 1 else checkpoint_weight(tmp_path, t - 1)
+        assert all(torch.equal(w, clean) for w in forwards)
     param_id = next(i for i, p in enumerate(opt.param_groups[0]["params"])
                     if p is model.transformer.h[0].mlp.c_fc.weight)
     shifted = 0

@@ -141,6 +141,8 @@ def test_state_dict_carries_the_noise_state_in_its_param_groups(fresh_seed):
     ([{"mergopt_seed": 1, "mergopt_noise_step": 2}, {}], "mergopt"),
     ([{"mergopt_seed": -1, "mergopt_noise_step": 2}, {"mergopt_seed": -1, "mergopt_noise_step": 2}], "seed"),
     ([{"mergopt_seed": 1, "mergopt_noise_step": -2}, {"mergopt_seed": 1, "mergopt_noise_step": -2}], "noise_step"),
+    ([{"mergopt_seed": 1, "mergopt_noise_step": 2**32}, {"mergopt_seed": 1, "mergopt_noise_step": 2**32}],
+     "noise_step"),
 ])
 def test_load_state_dict_with_bad_noise_state_raises_and_touches_nothing(groups, match):
     model = mlp()

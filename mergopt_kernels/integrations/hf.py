@@ -51,9 +51,11 @@ class MergOptCallback(TrainerCallback):
 
     - when the Trainer is built: remove the perturbation, so a checkpoint loaded by
       ``train(resume_from_checkpoint=...)`` lands in clean parameters;
-    - when training begins and at the start of every optimizer step: write the current
-      perturbation back (``apply_perturbation()``: a no-op when it is there already, e.g.
-      after the Trainer loaded the optimizer's state);
+    - when training begins: check that the optimizer is a MergOPT one (the weights stay
+      clean, so an ``eval_on_start`` evaluation sees theta);
+    - at the start of every optimizer step: write the current perturbation back
+      (``apply_perturbation()``: a no-op when it is there already, e.g. after the Trainer
+      loaded the optimizer's state);
     - after an optimizer step after which the Trainer will save, evaluate or stop, and at
       the end of an epoch and of training: remove it, so checkpoints, evaluation metrics and
       the final model are those of theta.
@@ -94,7 +96,7 @@ class MergOptCallback(TrainerCallback):
         self._remove(kwargs)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._apply(kwargs)
+        self._mergopt(kwargs, required=True)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._apply(kwargs)

@@ -110,6 +110,16 @@ def index_base(p: torch.Tensor) -> int:
     return row_offset * math.prod(p.shape[1:])
 
 
+def param_list(params) -> list:
+    """A group's ``params`` as a list: a tensor or an ordered collection of tensors (a set is
+    refused, as by torch: its order, hence the noise identities, would vary between runs)."""
+    if isinstance(params, torch.Tensor):
+        return [params]
+    if isinstance(params, (set, frozenset)):
+        raise TypeError("params: parameters must be an ordered collection (list or tuple), not a set")
+    return list(params)
+
+
 def check_params(params: list, seen: set) -> None:
     """Reject parameters the fused kernels cannot update; ``seen`` collects ids across groups."""
     devices = {p.device for p in params}
@@ -202,11 +212,12 @@ class PerturbationMixin:
     def _param_ids(self) -> dict:
         """The parameters' identities in the noise stream: positions in the optimizer's list."""
         params = [p for group in self.param_groups for p in group["params"]]
+        key = tuple(map(id, params))
         cached = getattr(self, "_param_id_cache", None)
-        if cached is None or len(cached) != len(params):
-            cached = {p: i for i, p in enumerate(params)}
+        if cached is None or cached[0] != key:
+            cached = (key, {p: i for i, p in enumerate(params)})
             self._param_id_cache = cached
-        return cached
+        return cached[1]
 
     def _index_base(self, p: torch.Tensor) -> int:
         cache = self.__dict__.setdefault("_index_base_cache", {})
@@ -429,8 +440,9 @@ class PerturbationMixin:
         step = saved["noise_step"]
         if isinstance(step, torch.Tensor):
             step = step.item()
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"state_dict['mergopt']['noise_step'] must be an integer >= 0, got {step!r}")
+        if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < 2**32 - 1:
+            raise ValueError("state_dict['mergopt']['noise_step'] must be an integer in [0, 2**32 - 1) "
+                             f"(the stream's step is 32 bits), got {step!r}")
         rest = {k: v for k, v in state_dict.items() if k != "mergopt"}
         rest["param_groups"] = [{k: v for k, v in g.items() if k not in ("mergopt_seed", "mergopt_noise_step")}
                                 for g in groups]

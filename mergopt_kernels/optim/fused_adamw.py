@@ -60,8 +60,7 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         """Add a group (checked first); after construction its params get the current noise."""
         group = dict(param_group)
-        params = group["params"]
-        group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
+        group["params"] = pt.param_list(group["params"])
         for name, default in self.defaults.items():
             group.setdefault(name, default)
         _check_adam_options(group)

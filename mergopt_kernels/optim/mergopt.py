@@ -57,8 +57,7 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
             super().add_param_group(param_group)
             return
         group = dict(param_group)
-        params = group["params"]
-        group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
+        group["params"] = pt.param_list(group["params"])
         for name, default in self.defaults.items():
             group.setdefault(name, default)
         pt.check_noise_options(group)
