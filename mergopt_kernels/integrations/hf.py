@@ -51,8 +51,9 @@ class MergOptCallback(TrainerCallback):
 
     - when the Trainer is built: remove the perturbation, so a checkpoint loaded by
       ``train(resume_from_checkpoint=...)`` lands in clean parameters;
-    - when training begins: check that the optimizer is a MergOPT one (the weights stay
-      clean, so an ``eval_on_start`` evaluation sees theta);
+    - when training begins: remove it again (Accelerate's optimizer wrapper reloads the
+      optimizer's state dict, which writes the perturbation), so an ``eval_on_start``
+      evaluation sees theta;
     - at the start of every optimizer step: write the current perturbation back
       (``apply_perturbation()``: a no-op when it is there already, e.g. after the Trainer
       loaded the optimizer's state);
@@ -96,7 +97,7 @@ class MergOptCallback(TrainerCallback):
         self._remove(kwargs)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._mergopt(kwargs, required=True)
+        self._mergopt(kwargs, required=True).remove_perturbation()
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._apply(kwargs)
