@@ -207,3 +207,31 @@ def test_load_state_dict_inside_clean_weights_perturbs_once(fresh_seed):
         opt2.load_state_dict(sd)
     for p, q in zip(fresh.parameters(), perturbed):
         torch.testing.assert_close(p, q, rtol=2 * EPS32, atol=2 * EPS32)
+
+
+@pytest.mark.parametrize("corrupt, match", [
+    (lambda sd: sd["param_groups"].pop(), "param_groups"),
+    (lambda sd: sd["param_groups"][0]["params"].pop(), "param_groups"),
+    (lambda sd: sd["param_groups"][1].update(k_max=0), "k_max"),
+    (lambda sd: sd["param_groups"][0].update(lr=-1.0), "lr"),
+    (lambda sd: sd["state"][0].update(exp_avg="zeros"), "exp_avg"),
+], ids=["groups", "sizes", "noise-option", "adam-option", "state-entry"])
+def test_load_state_dict_with_a_bad_entry_raises_and_touches_nothing(corrupt, match, fresh_seed):
+    model = mlp()
+    opt = FusedMergOptAdamW([{"params": model[0].parameters()}, {"params": model[2].parameters()}], seed=fresh_seed)
+    for x, y in batches(2):
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    sd = copy.deepcopy(opt.state_dict())
+    corrupt(sd)
+    before = weights(model)
+    state_before = [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()]
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    assert opt.noise_step() == 3 and all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    for p, saved in zip(model.parameters(), state_before):
+        assert opt.state[p].keys() == saved.keys() and all(torch.equal(opt.state[p][k], v) for k, v in saved.items())
+    for x, y in batches(1):  # and training goes on
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()

@@ -448,6 +448,22 @@ class PerturbationMixin:
                                 for g in groups]
         return {"seed": saved["seed"], "noise_step": step}, rest
 
+    def _check_loadable_groups(self, saved_groups: list, check_group: Optional[Callable] = None) -> None:
+        """Raise ``ValueError``, before anything changes, unless ``saved_groups`` match this
+        optimizer's groups (count and sizes) and hold valid options (``check_group`` too)."""
+        if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups) or any(
+                len(saved["params"]) != len(group["params"]) for saved, group in zip(saved_groups, self.param_groups)):
+            raise ValueError("state_dict['param_groups'] does not match this optimizer's param groups "
+                             "(number of groups or of parameters per group)")
+        for saved in saved_groups:
+            options = dict(saved)
+            missing = [k for k in NOISE_OPTIONS if k not in options]
+            if missing:
+                raise ValueError(f"state_dict['param_groups'] entries lack the noise options {missing}")
+            check_noise_options(options)
+            if check_group is not None:
+                check_group(options)
+
     def _load_mergopt_state(self, saved: dict) -> None:
         if not isinstance(saved, dict) or set(saved) != {"seed", "noise_step"}:
             raise ValueError("state_dict['mergopt'] must hold 'seed' and 'noise_step'")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Callable, Optional
 
 import torch
@@ -145,22 +144,33 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
         Moments and masters stay fp32 whatever the parameters' dtype.
         """
         mergopt_state, state_dict = self._split_mergopt_state(state_dict, "FusedMergOptAdamW")
-        self.remove_perturbation()
-        saved_state = state_dict["state"]
-        without_state = {k: v for k, v in state_dict.items() if k != "state"}
-        super().load_state_dict({**without_state, "state": {}})
+        self._check_loadable_groups(state_dict["param_groups"], _check_adam_options)
+        # Converted before anything changes: a bad entry raises with the optimizer untouched.
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
-        for saved_id, p in zip(saved_ids, params):
-            entry = saved_state.get(saved_id, {})
-            self.state[p] = {k: v.to(device=p.device, dtype=torch.float32, copy=True)
-                             for k, v in copy.copy(entry).items()}
+        new_state = {p: _fp32_state(state_dict["state"].get(saved_id, {}), p) for saved_id, p in zip(saved_ids, params)}
+        self.remove_perturbation()
+        without_state = {k: v for k, v in state_dict.items() if k != "state"}
+        super().load_state_dict({**without_state, "state": {}})
+        for p, entry in new_state.items():
+            self.state[p] = entry
         for group in self.param_groups:
             pt.check_noise_options(group)
             self._init_state(group["params"])
         self._load_mergopt_state(mergopt_state)
         self._noise_pass(restore=False, apply_offset=0)
         self._perturbed = True
+
+
+def _fp32_state(entry: dict, p: torch.Tensor) -> dict:
+    """A saved state entry as fp32 tensors on ``p``'s device (numbers, e.g. a float step, too)."""
+    converted = {}
+    for name, value in entry.items():
+        if isinstance(value, bool) or not isinstance(value, (torch.Tensor, int, float)):
+            raise ValueError(f"state_dict['state'] entry {name!r} must be a tensor or a number, "
+                             f"got {type(value).__name__}")
+        converted[name] = torch.as_tensor(value).to(device=p.device, dtype=torch.float32, copy=True)
+    return converted
 
 
 def _with_grads(params: list, grads: list) -> tuple[list, list]:

@@ -100,6 +100,7 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state saved by ``state_dict()`` (see ``FusedMergOptAdamW.load_state_dict``)."""
         mergopt_state, state_dict = self._split_mergopt_state(state_dict, "MergOpt")
+        self._check_loadable_groups(state_dict["param_groups"])
         self.remove_perturbation()
         self.base.load_state_dict(state_dict)
         self.param_groups = self.base.param_groups
