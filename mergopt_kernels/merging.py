@@ -15,11 +15,11 @@ Common rules
       ``TypeError`` naming the offending argument and key otherwise).
 
 TIES-Merging (``ties_merging``)
-    1. Trim: expert ``i`` keeps the ``k = max(1, round(density * n))`` entries of ``tau_i`` with
+    1. Trim: expert ``i`` keeps the ``k = max(1, floor(density * n + 1/2))`` entries of ``tau_i`` with
        the largest magnitude, ``n`` counting the float entries of the whole model (default) or of
        one tensor (``per_tensor=True``). An entry is kept when ``|tau_i| >= t_i``, ``t_i`` the exact
        k-th largest magnitude, so entries tied with ``t_i`` are all kept (FusionBench's rule too;
-       it keeps ``floor(density * n) + 1`` entries where we keep ``round(density * n)``).
+       it keeps ``floor(density * n) + 1`` entries where we keep ``floor(density * n + 1/2)``).
     2. Elect: ``sign = sign(sum_i trimmed_i)`` per element. Where that sum is 0, the element takes
        the majority sign: the sign of ``(#elements elected +) - (#elements elected -)`` counted over
        the whole model (as FusionBench does over its flattened model), with +1 on an exact tie.
