@@ -372,6 +372,7 @@ def test_bad_params_raise_and_touch_nothing():
         ([good, torch.nn.Parameter(torch.randn(4, 3).t())], ValueError, "contiguous"),
         ([good, torch.nn.Parameter(torch.randn(3, device="meta"))], ValueError, "share a device"),
         ([{"params": {good}}], TypeError, "not a set"),
+        ([{"params": [good], "lr": torch.tensor(1e-3, device="meta")}], ValueError, "lr"),
     ]
     for params, error, match in cases:
         with pytest.raises(error, match=match):

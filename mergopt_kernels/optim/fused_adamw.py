@@ -62,6 +62,10 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
         group["params"] = pt.param_list(group["params"])
         for name, default in self.defaults.items():
             group.setdefault(name, default)
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor) and group["params"] and lr.device != group["params"][0].device:
+            raise ValueError(f"lr: a tensor lr must be on the parameters' device "
+                             f"{group['params'][0].device}, got {lr.device}")
         _check_adam_options(group)
         pt.check_noise_options(group)
         pt.check_params(group["params"], set(self._seen_params))
