@@ -16,19 +16,38 @@ namespace mergopt {
 
 enum class Distribution : int { kLaplace = 0, kGaussian = 1 };
 
+// Constants of the transforms, shared by the scalar code below and the AVX2/AVX-512 kernels.
+namespace transform_constants {
+// log_unit: x = 2**k * (1 + f) with 1 + f in [sqrt(2)/2, sqrt(2)).
+constexpr uint32_t kSqrtHalfBits = 0x3f3504f3u;  // sqrt(2)/2
+constexpr float kLn2Hi = 6.9313812256e-01f;  // 0x3f317180: k * kLn2Hi is exact
+constexpr float kLn2Lo = 9.0580006145e-06f;  // 0x3717f7d1
+constexpr float kLg1 = 0xaaaaaa.0p-24f;
+constexpr float kLg2 = 0xccce13.0p-25f;
+constexpr float kLg3 = 0x91e9ee.0p-25f;
+constexpr float kLg4 = 0xf89e26.0p-26f;
+// sincos_small
+constexpr double kInvPio2 = 6.36619772367581382433e-01;
+constexpr double kPio2Hi = 1.57079631090164184570e+00;  // 33 bits: q * kPio2Hi is exact
+constexpr double kPio2Lo = 1.58932547735281966916e-08;
+constexpr double kS1 = -0x15555554cbac77.0p-55;
+constexpr double kS2 = 0x111110896efbb2.0p-59;
+constexpr double kS3 = -0x1a00f9e2cae774.0p-65;
+constexpr double kS4 = 0x16cd878c3b46a7.0p-71;
+constexpr double kC0 = -0x1ffffffd0c5e81.0p-54;
+constexpr double kC1 = 0x155553e1053a42.0p-57;
+constexpr double kC2 = -0x16c087e80f1e27.0p-62;
+constexpr double kC3 = 0x199342e0ee5069.0p-68;
+}  // namespace transform_constants
+
 // Natural log for x in [2**-24, 1] (positive normal numbers; that is every argument the
 // transforms produce). musl's logf (FreeBSD e_logf.c): x = 2**k * (1 + f), 1 + f in
 // [sqrt(2)/2, sqrt(2)), log(1 + f) = f - f*f/2 + s*(f*f/2 + R(s*s)), s = f / (2 + f).
 MERGOPT_HOST_DEVICE MERGOPT_INLINE float log_unit(float x) {
-  constexpr float kLn2Hi = 6.9313812256e-01f;  // 0x3f317180: k * kLn2Hi is exact
-  constexpr float kLn2Lo = 9.0580006145e-06f;  // 0x3717f7d1
-  constexpr float kLg1 = 0xaaaaaa.0p-24f;
-  constexpr float kLg2 = 0xccce13.0p-25f;
-  constexpr float kLg3 = 0x91e9ee.0p-25f;
-  constexpr float kLg4 = 0xf89e26.0p-26f;
-  uint32_t ix = float_to_bits(x) + (0x3f800000u - 0x3f3504f3u);
+  using namespace transform_constants;
+  uint32_t ix = float_to_bits(x) + (0x3f800000u - kSqrtHalfBits);
   const int k = static_cast<int>(ix >> 23) - 0x7f;
-  ix = (ix & 0x007fffffu) + 0x3f3504f3u;
+  ix = (ix & 0x007fffffu) + kSqrtHalfBits;
   const float f = bits_to_float(ix) - 1.0f;
   const float s = f / (2.0f + f);
   const float z = s * s;
@@ -44,17 +63,7 @@ MERGOPT_HOST_DEVICE MERGOPT_INLINE float log_unit(float x) {
 // sin(a) and cos(a) for a float angle a in [0, 8): musl's sinf/cosf kernels, evaluated in double
 // after an exact reduction by pi/2, then rounded to float.
 MERGOPT_HOST_DEVICE MERGOPT_INLINE void sincos_small(float a, float& sin_out, float& cos_out) {
-  constexpr double kInvPio2 = 6.36619772367581382433e-01;
-  constexpr double kPio2Hi = 1.57079631090164184570e+00;  // 33 bits: q * kPio2Hi is exact
-  constexpr double kPio2Lo = 1.58932547735281966916e-08;
-  constexpr double kS1 = -0x15555554cbac77.0p-55;
-  constexpr double kS2 = 0x111110896efbb2.0p-59;
-  constexpr double kS3 = -0x1a00f9e2cae774.0p-65;
-  constexpr double kS4 = 0x16cd878c3b46a7.0p-71;
-  constexpr double kC0 = -0x1ffffffd0c5e81.0p-54;
-  constexpr double kC1 = 0x155553e1053a42.0p-57;
-  constexpr double kC2 = -0x16c087e80f1e27.0p-62;
-  constexpr double kC3 = 0x199342e0ee5069.0p-68;
+  using namespace transform_constants;
   const double x = static_cast<double>(a);
   const int q = static_cast<int>(x * kInvPio2 + 0.5);  // a >= 0: truncation is floor
   const double qd = static_cast<double>(q);

@@ -28,6 +28,8 @@
 namespace mergopt {
 namespace simd {
 
+namespace tc = transform_constants;
+
 inline bool cpu_has_avx2() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2");
@@ -148,27 +150,27 @@ MERGOPT_AVX2_INLINE Words8 element_group_words8(PhiloxKey key, uint64_t group, u
 // log_unit (noise.h) of x 2**-shift on eight floats, x 2**-shift in [2**-24, 1]: the power of two
 // goes into the exponent k, which is exact, so the bits are those of log_unit(x * 2**-shift).
 MERGOPT_AVX2_INLINE __m256 log_unit8(__m256 x, int shift = 0) {
-  const __m256i ix0 = _mm256_add_epi32(_mm256_castps_si256(x), _mm256_set1_epi32(0x3f800000 - 0x3f3504f3));
+  const __m256i ix0 = _mm256_add_epi32(_mm256_castps_si256(x), _mm256_set1_epi32(static_cast<int>(0x3f800000u - tc::kSqrtHalfBits)));
   const __m256i k = _mm256_sub_epi32(_mm256_srli_epi32(ix0, 23), _mm256_set1_epi32(0x7f + shift));
   const __m256i ix = _mm256_add_epi32(_mm256_and_si256(ix0, _mm256_set1_epi32(0x007fffff)),
-                                      _mm256_set1_epi32(0x3f3504f3));
+                                      _mm256_set1_epi32(static_cast<int>(tc::kSqrtHalfBits)));
   const __m256 one = _mm256_set1_ps(1.0f);
   const __m256 f = _mm256_sub_ps(_mm256_castsi256_ps(ix), one);
   const __m256 s = _mm256_div_ps(f, _mm256_add_ps(_mm256_set1_ps(2.0f), f));
   const __m256 z = _mm256_mul_ps(s, s);
   const __m256 w = _mm256_mul_ps(z, z);
   const __m256 t1 = _mm256_mul_ps(
-      w, _mm256_add_ps(_mm256_set1_ps(0xccce13.0p-25f), _mm256_mul_ps(w, _mm256_set1_ps(0xf89e26.0p-26f))));
+      w, _mm256_add_ps(_mm256_set1_ps(tc::kLg2), _mm256_mul_ps(w, _mm256_set1_ps(tc::kLg4))));
   const __m256 t2 = _mm256_mul_ps(
-      z, _mm256_add_ps(_mm256_set1_ps(0xaaaaaa.0p-24f), _mm256_mul_ps(w, _mm256_set1_ps(0x91e9ee.0p-25f))));
+      z, _mm256_add_ps(_mm256_set1_ps(tc::kLg1), _mm256_mul_ps(w, _mm256_set1_ps(tc::kLg3))));
   const __m256 r = _mm256_add_ps(t2, t1);
   const __m256 hfsq = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), f), f);
   const __m256 dk = _mm256_cvtepi32_ps(k);
   __m256 out = _mm256_mul_ps(s, _mm256_add_ps(hfsq, r));
-  out = _mm256_add_ps(out, _mm256_mul_ps(dk, _mm256_set1_ps(9.0580006145e-06f)));
+  out = _mm256_add_ps(out, _mm256_mul_ps(dk, _mm256_set1_ps(tc::kLn2Lo)));
   out = _mm256_sub_ps(out, hfsq);
   out = _mm256_add_ps(out, f);
-  return _mm256_add_ps(out, _mm256_mul_ps(dk, _mm256_set1_ps(6.9313812256e-01f)));
+  return _mm256_add_ps(out, _mm256_mul_ps(dk, _mm256_set1_ps(tc::kLn2Hi)));
 }
 
 // laplace_from_word on eight words, with exact integer shortcuts of the scalar steps: with
@@ -190,22 +192,22 @@ MERGOPT_AVX2_INLINE __m256 laplace8(__m256i word, __m256 loc, __m256 scale) {
 
 // sincos_small on four doubles (the float angles widened); the results rounded to float.
 MERGOPT_AVX2_INLINE void sincos4(__m256d x, __m128& sin_out, __m128& cos_out) {
-  const __m128i q = _mm256_cvttpd_epi32(_mm256_add_pd(_mm256_mul_pd(x, _mm256_set1_pd(6.36619772367581382433e-01)),
+  const __m128i q = _mm256_cvttpd_epi32(_mm256_add_pd(_mm256_mul_pd(x, _mm256_set1_pd(tc::kInvPio2)),
                                                       _mm256_set1_pd(0.5)));
   const __m256d qd = _mm256_cvtepi32_pd(q);
-  const __m256d y = _mm256_sub_pd(_mm256_sub_pd(x, _mm256_mul_pd(qd, _mm256_set1_pd(1.57079631090164184570e+00))),
-                                  _mm256_mul_pd(qd, _mm256_set1_pd(1.58932547735281966916e-08)));
+  const __m256d y = _mm256_sub_pd(_mm256_sub_pd(x, _mm256_mul_pd(qd, _mm256_set1_pd(tc::kPio2Hi))),
+                                  _mm256_mul_pd(qd, _mm256_set1_pd(tc::kPio2Lo)));
   const __m256d z = _mm256_mul_pd(y, y);
   const __m256d w = _mm256_mul_pd(z, z);
   const __m256d zy = _mm256_mul_pd(z, y);
-  const __m256d s1 = _mm256_set1_pd(-0x15555554cbac77.0p-55);
-  const __m256d s2 = _mm256_set1_pd(0x111110896efbb2.0p-59);
-  const __m256d s3 = _mm256_set1_pd(-0x1a00f9e2cae774.0p-65);
-  const __m256d s4 = _mm256_set1_pd(0x16cd878c3b46a7.0p-71);
-  const __m256d c0 = _mm256_set1_pd(-0x1ffffffd0c5e81.0p-54);
-  const __m256d c1 = _mm256_set1_pd(0x155553e1053a42.0p-57);
-  const __m256d c2 = _mm256_set1_pd(-0x16c087e80f1e27.0p-62);
-  const __m256d c3 = _mm256_set1_pd(0x199342e0ee5069.0p-68);
+  const __m256d s1 = _mm256_set1_pd(tc::kS1);
+  const __m256d s2 = _mm256_set1_pd(tc::kS2);
+  const __m256d s3 = _mm256_set1_pd(tc::kS3);
+  const __m256d s4 = _mm256_set1_pd(tc::kS4);
+  const __m256d c0 = _mm256_set1_pd(tc::kC0);
+  const __m256d c1 = _mm256_set1_pd(tc::kC1);
+  const __m256d c2 = _mm256_set1_pd(tc::kC2);
+  const __m256d c3 = _mm256_set1_pd(tc::kC3);
   const __m256d sin_y =
       _mm256_add_pd(_mm256_add_pd(y, _mm256_mul_pd(zy, _mm256_add_pd(s1, _mm256_mul_pd(z, s2)))),
                     _mm256_mul_pd(_mm256_mul_pd(zy, w), _mm256_add_pd(s3, _mm256_mul_pd(z, s4))));

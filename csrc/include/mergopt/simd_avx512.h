@@ -33,6 +33,8 @@
 namespace mergopt {
 namespace simd {
 
+namespace tc = transform_constants;
+
 inline bool cpu_has_avx512() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
@@ -157,26 +159,26 @@ MERGOPT_AVX512_INLINE Words16 element_group_words16(PhiloxKey key, uint64_t grou
 // log_unit (noise.h) of x 2**-shift on sixteen floats, x 2**-shift in [2**-24, 1]: the power of two
 // goes into the exponent k, which is exact, so the bits are those of log_unit(x * 2**-shift).
 MERGOPT_AVX512_INLINE __m512 log_unit16(__m512 x, int shift = 0) {
-  const __m512i ix0 = _mm512_add_epi32(_mm512_castps_si512(x), _mm512_set1_epi32(0x3f800000 - 0x3f3504f3));
+  const __m512i ix0 = _mm512_add_epi32(_mm512_castps_si512(x), _mm512_set1_epi32(static_cast<int>(0x3f800000u - tc::kSqrtHalfBits)));
   const __m512i k = _mm512_sub_epi32(_mm512_srli_epi32(ix0, 23), _mm512_set1_epi32(0x7f + shift));
   const __m512i ix = _mm512_add_epi32(_mm512_and_si512(ix0, _mm512_set1_epi32(0x007fffff)),
-                                      _mm512_set1_epi32(0x3f3504f3));
+                                      _mm512_set1_epi32(static_cast<int>(tc::kSqrtHalfBits)));
   const __m512 f = _mm512_sub_ps(_mm512_castsi512_ps(ix), _mm512_set1_ps(1.0f));
   const __m512 s = _mm512_div_ps(f, _mm512_add_ps(_mm512_set1_ps(2.0f), f));
   const __m512 z = _mm512_mul_ps(s, s);
   const __m512 w = _mm512_mul_ps(z, z);
   const __m512 t1 = _mm512_mul_ps(
-      w, _mm512_add_ps(_mm512_set1_ps(0xccce13.0p-25f), _mm512_mul_ps(w, _mm512_set1_ps(0xf89e26.0p-26f))));
+      w, _mm512_add_ps(_mm512_set1_ps(tc::kLg2), _mm512_mul_ps(w, _mm512_set1_ps(tc::kLg4))));
   const __m512 t2 = _mm512_mul_ps(
-      z, _mm512_add_ps(_mm512_set1_ps(0xaaaaaa.0p-24f), _mm512_mul_ps(w, _mm512_set1_ps(0x91e9ee.0p-25f))));
+      z, _mm512_add_ps(_mm512_set1_ps(tc::kLg1), _mm512_mul_ps(w, _mm512_set1_ps(tc::kLg3))));
   const __m512 r = _mm512_add_ps(t2, t1);
   const __m512 hfsq = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), f), f);
   const __m512 dk = _mm512_cvtepi32_ps(k);
   __m512 out = _mm512_mul_ps(s, _mm512_add_ps(hfsq, r));
-  out = _mm512_add_ps(out, _mm512_mul_ps(dk, _mm512_set1_ps(9.0580006145e-06f)));
+  out = _mm512_add_ps(out, _mm512_mul_ps(dk, _mm512_set1_ps(tc::kLn2Lo)));
   out = _mm512_sub_ps(out, hfsq);
   out = _mm512_add_ps(out, f);
-  return _mm512_add_ps(out, _mm512_mul_ps(dk, _mm512_set1_ps(6.9313812256e-01f)));
+  return _mm512_add_ps(out, _mm512_mul_ps(dk, _mm512_set1_ps(tc::kLn2Hi)));
 }
 
 // laplace_from_word on sixteen words, with exact integer shortcuts of the scalar steps: with
@@ -198,22 +200,22 @@ MERGOPT_AVX512_INLINE __m512 laplace16(__m512i word, __m512 loc, __m512 scale) {
 
 // sincos_small on eight doubles (the float angles widened); the results rounded to float.
 MERGOPT_AVX512_INLINE void sincos8(__m512d x, __m256& sin_out, __m256& cos_out) {
-  const __m256i q = _mm512_cvttpd_epi32(_mm512_add_pd(_mm512_mul_pd(x, _mm512_set1_pd(6.36619772367581382433e-01)),
+  const __m256i q = _mm512_cvttpd_epi32(_mm512_add_pd(_mm512_mul_pd(x, _mm512_set1_pd(tc::kInvPio2)),
                                                       _mm512_set1_pd(0.5)));
   const __m512d qd = _mm512_cvtepi32_pd(q);
-  const __m512d y = _mm512_sub_pd(_mm512_sub_pd(x, _mm512_mul_pd(qd, _mm512_set1_pd(1.57079631090164184570e+00))),
-                                  _mm512_mul_pd(qd, _mm512_set1_pd(1.58932547735281966916e-08)));
+  const __m512d y = _mm512_sub_pd(_mm512_sub_pd(x, _mm512_mul_pd(qd, _mm512_set1_pd(tc::kPio2Hi))),
+                                  _mm512_mul_pd(qd, _mm512_set1_pd(tc::kPio2Lo)));
   const __m512d z = _mm512_mul_pd(y, y);
   const __m512d w = _mm512_mul_pd(z, z);
   const __m512d zy = _mm512_mul_pd(z, y);
-  const __m512d s1 = _mm512_set1_pd(-0x15555554cbac77.0p-55);
-  const __m512d s2 = _mm512_set1_pd(0x111110896efbb2.0p-59);
-  const __m512d s3 = _mm512_set1_pd(-0x1a00f9e2cae774.0p-65);
-  const __m512d s4 = _mm512_set1_pd(0x16cd878c3b46a7.0p-71);
-  const __m512d c0 = _mm512_set1_pd(-0x1ffffffd0c5e81.0p-54);
-  const __m512d c1 = _mm512_set1_pd(0x155553e1053a42.0p-57);
-  const __m512d c2 = _mm512_set1_pd(-0x16c087e80f1e27.0p-62);
-  const __m512d c3 = _mm512_set1_pd(0x199342e0ee5069.0p-68);
+  const __m512d s1 = _mm512_set1_pd(tc::kS1);
+  const __m512d s2 = _mm512_set1_pd(tc::kS2);
+  const __m512d s3 = _mm512_set1_pd(tc::kS3);
+  const __m512d s4 = _mm512_set1_pd(tc::kS4);
+  const __m512d c0 = _mm512_set1_pd(tc::kC0);
+  const __m512d c1 = _mm512_set1_pd(tc::kC1);
+  const __m512d c2 = _mm512_set1_pd(tc::kC2);
+  const __m512d c3 = _mm512_set1_pd(tc::kC3);
   const __m512d sin_y =
       _mm512_add_pd(_mm512_add_pd(y, _mm512_mul_pd(zy, _mm512_add_pd(s1, _mm512_mul_pd(z, s2)))),
                     _mm512_mul_pd(_mm512_mul_pd(zy, w), _mm512_add_pd(s3, _mm512_mul_pd(z, s4))));
