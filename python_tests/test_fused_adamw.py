@@ -429,3 +429,25 @@ def test_noise_options_changed_between_steps_restore_what_was_applied(device_bac
     with pytest.raises(ValueError, match="noise_scale"):
         opt.param_groups[0]["noise_scale"] = -1.0
         opt.step()
+
+
+def test_a_parameter_replaced_in_its_group_takes_the_old_ones_identity(fresh_seed):
+    """Identities are positions: a tensor put in place of another draws that one's noise, so
+    the run goes on exactly as without the swap."""
+    runs = []
+    for swap in (False, True):
+        params = make_params(SHAPES, generator=torch.Generator().manual_seed(7))
+        opt = FusedMergOptAdamW(params, lr=1e-2, noise_scale=1e-2, seed=fresh_seed)
+        set_grads(params)
+        opt.step()
+        if swap:
+            with opt.clean_weights():
+                replacement = torch.nn.Parameter(params[1].detach().clone())
+                opt.param_groups[0]["params"][1] = replacement
+                opt.state[replacement] = opt.state.pop(params[1])
+        params = opt.param_groups[0]["params"]
+        for _ in range(2):
+            set_grads(params)
+            opt.step()
+        runs.append([p.detach().clone() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
