@@ -257,7 +257,7 @@ def _fused_step_op(params: list[torch.Tensor], grads: list[Optional[torch.Tensor
     key = (params[0].device, params[0].dtype, params[0].data_ptr(), len(params),
            tuple(g is None for g in grads))
     fused_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps, param_ids,
-               index_bases, seed & ((1 << 64) - 1), noise_step, lr if lr_tensor is None else lr_tensor,
+               index_bases, seed, noise_step, lr if lr_tensor is None else lr_tensor,
                beta1, beta2, eps, weight_decay, amsgrad, maximize, noise_loc, noise_scale, alphas,
                k_max, distribution, restore, apply_offset, cache=_COMPILED_TABLES.setdefault(key, {}))
 

@@ -199,12 +199,15 @@ class PerturbationMixin:
         self._stamp_param_groups()
 
     def _begin_step(self, closure: Optional[Callable[[], torch.Tensor]]) -> Optional[torch.Tensor]:
-        """What every step does first: run the closure (at the perturbed weights) and, when the
-        perturbation was removed, let masters take weights written into the parameters since."""
+        """What every step does first: run the closure (at the perturbed weights), check the
+        noise options (they may change between steps) and, when the perturbation was removed,
+        let masters take weights written into the parameters since."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for group in self.param_groups:
+            check_noise_options(group)
         if not self._perturbed:
             self._sync_masters_with_params()
         return loss
@@ -236,13 +239,18 @@ class PerturbationMixin:
         for step in self._noise_steps.values():
             step.add_(1)
 
+    @staticmethod
+    def _group_buckets(group: dict) -> list[list]:
+        """A group's params split by device and dtype: one launch each."""
+        split = defaultdict(list)
+        for p in group["params"]:
+            split[(p.device, p.dtype)].append(p)
+        return list(split.values())
+
     def _buckets(self) -> Iterator[tuple[int, dict, list]]:
-        """(group index, group, params) per group, device and dtype: one launch each."""
+        """(group index, group, params) per group, device and dtype."""
         for index, group in enumerate(self.param_groups):
-            split = defaultdict(list)
-            for p in group["params"]:
-                split[(p.device, p.dtype)].append(p)
-            for params in split.values():
+            for params in self._group_buckets(group):
                 yield index, group, params
 
     @torch.no_grad()
@@ -301,22 +309,17 @@ class PerturbationMixin:
     def _noise_pass(self, *, restore: bool, apply_offset: int, only_group: Optional[int] = None) -> None:
         """Restore (with the options that wrote it) or write (with the current options) the
         perturbation of every noisy parameter, without updating."""
-        for index, group, params in self._buckets():
+        for index, group in enumerate(self.param_groups):
             if only_group is not None and index != only_group:
                 continue
-            noise = self._applied_noise.get(index) if restore else noise_options(group)
-            if noise is not None:
+            noise = self._applied_noise.pop(index, None) if restore else noise_options(group)
+            if noise is None:
+                continue
+            for params in self._group_buckets(group):
                 self._launch(index, params, [None] * len(params), noise, restore=restore,
                              apply_offset=apply_offset)
-        for index, group in enumerate(self.param_groups):
-            if only_group is None or index == only_group:
-                self._record_applied(index, None if restore else noise_options(group))
-
-    def _record_applied(self, index: int, noise: Optional[dict]) -> None:
-        if noise is None:
-            self._applied_noise.pop(index, None)
-        else:
-            self._applied_noise[index] = noise
+            if not restore:
+                self._applied_noise[index] = noise
 
     def _master_holder(self, p: torch.Tensor) -> dict:
         """The dict whose ``"master"`` entry is ``p``'s fp32 master: its optimizer state."""
@@ -465,9 +468,8 @@ class PerturbationMixin:
                 check_group(options)
 
     def _load_mergopt_state(self, saved: dict) -> None:
-        if not isinstance(saved, dict) or set(saved) != {"seed", "noise_step"}:
-            raise ValueError("state_dict['mergopt'] must hold 'seed' and 'noise_step'")
-        self._seed = resolve_seed(saved["seed"])
+        """Take the noise state that ``_split_mergopt_state`` returned (checked there)."""
+        self._seed = saved["seed"]
         step = int(saved["noise_step"])
         self._noise_step_start = step
         for tensor in self._noise_steps.values():

@@ -9,7 +9,6 @@ import torch
 from . import _perturbation as pt
 
 
-
 class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
     """AdamW whose every gradient is taken at ``theta_t + (K_t alpha_t - 1) z_t`` (MergOPT).
 
@@ -93,18 +92,19 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
         """One MergOPT step. The closure, if given, runs first (at the perturbed weights)."""
         loss = self._begin_step(closure)
-        for group in self.param_groups:  # noise options may change between steps
-            pt.check_noise_options(group)
         buckets = list(self._buckets())
         for _, _, params in buckets:
             for p in params:
                 if p.grad is not None and p.grad.is_sparse:
                     raise TypeError("FusedMergOptAdamW does not support sparse gradients")
+        written: dict[int, dict] = {}  # group index -> the noise options this step applies
         for index, group, params in buckets:
             grads = [p.grad if p.grad is None or p.grad.is_contiguous() else p.grad.contiguous()
                      for p in params]
             applied = self._applied_noise.get(index) if self._perturbed else None
             noise = pt.noise_options(group)
+            if noise is not None:
+                written[index] = noise
             if applied is not None and applied != noise:  # options changed since: restore apart
                 self._launch(index, params, [None] * len(params), applied, restore=True, apply_offset=-1)
             if noise is None:
@@ -127,8 +127,7 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
                          apply_offset=1, adam=adam if any(with_grad) else None)
         self._advance_noise_step()
         self._perturbed = True
-        for index, group in enumerate(self.param_groups):
-            self._record_applied(index, pt.noise_options(group))
+        self._applied_noise = written
         return loss
 
     def state_dict(self) -> dict:

@@ -73,8 +73,6 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
         """Remove z_t, run ``base.step()``, write z_{t+1}. The closure runs first, perturbed."""
         loss = self._begin_step(closure)
-        for group in self.param_groups:  # noise options may change between steps
-            pt.check_noise_options(group)
         self.remove_perturbation()
         self.base.step()
         for group in self.param_groups:
