@@ -269,6 +269,21 @@ def test_bad_arguments():
         ops().fused_step(*bad, "laplace", True, 1)
 
 
+def test_more_bad_arguments():
+    """A step count that is not a 1-element fp32 tensor, an apply_offset outside {-1, 0, 1}:
+    errors naming the argument, raised before anything is written."""
+    p = torch.ones(4)
+    base = dict(params=[p], grads=[torch.ones(4)], exp_avgs=[torch.zeros(4)], exp_avg_sqs=[torch.zeros(4)],
+                max_exp_avg_sqs=[], masters=[], steps=[torch.tensor(1.0)])
+    for steps, apply_offset, match in (([torch.tensor(1.0, dtype=torch.float64)], 1, r"steps\[0\]"),
+                                       ([torch.tensor([1.0, 2.0])], 1, r"steps\[0\]"),
+                                       ([torch.tensor(1.0)], 2, "apply_offset")):
+        state = dict(base, steps=steps)
+        with pytest.raises(RuntimeError, match=match):
+            _call(state, t=1, restore=True, apply_offset=apply_offset)
+        assert torch.equal(p, torch.ones(4)) and torch.equal(base["exp_avgs"][0], torch.zeros(4))
+
+
 @pytest.mark.parametrize("distribution", ["laplace", "gaussian"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_instruction_sets_are_bitwise_identical(monkeypatch, distribution, dtype):

@@ -9,6 +9,9 @@ namespace mergopt_cpu {
 namespace MERGOPT_CPU_NS {
 
 using mergopt::AdamWScalars;
+using mergopt::StepArgs;
+using mergopt::StepNoise;
+using mergopt::TensorArgs;
 
 MERGOPT_INLINE float to_f32(float x) { return x; }
 MERGOPT_INLINE float to_f32(c10::BFloat16 x) { return mergopt::bf16_bits_to_float(x.x); }
@@ -30,7 +33,7 @@ MERGOPT_INLINE c10::Half from_f32<c10::Half>(float x) { return c10::Half(x); }
 // at a time (mergopt/simd_avx2.h, simd_avx512.h: bit-identical to the scalar code) and may write
 // past 4 * n_groups.
 inline void fill_delta(float* __restrict delta, uint64_t g0, int64_t n_groups, uint32_t step, uint32_t param_id,
-                       const NoiseSpec& noise, float scale) {
+                       const StepNoise& noise, float scale) {
 #if defined(MERGOPT_CPU_AVX512)
   // One call for the whole tile: four interleaved blocks of 16 groups.
   static_assert(kTileGroups == 64, "a tile is four blocks of 16 groups");
@@ -96,11 +99,12 @@ inline void update_span(int64_t n, P* __restrict param, const P* __restrict grad
 
 // One work item: global element groups [g_begin, g_end) of one tensor, tile by tile.
 template <typename P, bool kGrad, bool kAmsgrad, bool kMaster>
-void run_item(const TensorArgs& t, const StepArgs& args, int64_t g_begin, int64_t g_end) {
+void run_item(const TensorArgs& t, const AdamWScalars& scalars, const StepNoise& noise, bool maximize,
+              int64_t g_begin, int64_t g_end) {
   alignas(64) float restore_delta[kTileElems];
   alignas(64) float apply_delta[kTileElems];
-  const bool restore_noise = args.noise_on && args.restore && !kMaster;
-  const bool apply_noise = args.noise_on && args.apply;
+  const bool restore_noise = noise.restore && !kMaster;
+  const bool apply_noise = noise.apply;
   if (!restore_noise) std::fill(restore_delta, restore_delta + kTileElems, 0.0f);   // p - (+0) == p
   if (!apply_noise) std::fill(apply_delta, apply_delta + kTileElems, -0.0f);        // x + (-0) == x
   P* param = static_cast<P*>(t.param);
@@ -112,48 +116,54 @@ void run_item(const TensorArgs& t, const StepArgs& args, int64_t g_begin, int64_
   for (int64_t g0 = g_begin; g0 < g_end; g0 += kTileGroups) {
     const int64_t n_groups = std::min<int64_t>(kTileGroups, g_end - g0);
     // Global element range of this tile, clipped to the local shard [base, base + numel).
-    const int64_t first = std::max<int64_t>(4 * g0, t.base);
-    const int64_t last = std::min<int64_t>(4 * (g0 + n_groups), t.base + t.numel);
+    const int64_t first = std::max<int64_t>(4 * g0, t.index_base);
+    const int64_t last = std::min<int64_t>(4 * (g0 + n_groups), t.index_base + t.numel);
     const int64_t offset = first - 4 * g0;  // into the tile's delta buffers
-    const int64_t j = first - t.base;       // into the local tensors
+    const int64_t j = first - t.index_base; // into the local tensors
     if (restore_noise) {
-      fill_delta(restore_delta, static_cast<uint64_t>(g0), n_groups, args.step, t.param_id, args.noise,
-                 args.restore_scale);
+      fill_delta(restore_delta, static_cast<uint64_t>(g0), n_groups, noise.step, t.param_id, noise,
+                 noise.restore_scale);
     }
     if (apply_noise) {
-      fill_delta(apply_delta, static_cast<uint64_t>(g0), n_groups, args.apply_step, t.param_id, args.noise,
-                 args.apply_scale);
+      fill_delta(apply_delta, static_cast<uint64_t>(g0), n_groups, noise.apply_step, t.param_id, noise,
+                 noise.apply_scale);
     }
     update_span<P, kGrad, kAmsgrad, kMaster>(
         last - first, param + j, kGrad ? grad + j : nullptr, kGrad ? exp_avg + j : nullptr,
         kGrad ? exp_avg_sq + j : nullptr, (kGrad && kAmsgrad) ? max_exp_avg_sq + j : nullptr,
-        kMaster ? master + j : nullptr, restore_delta + offset, apply_delta + offset, t.scalars, args.maximize);
+        kMaster ? master + j : nullptr, restore_delta + offset, apply_delta + offset, scalars, maximize);
   }
 }
 
 template <typename P>
-void run_item_dispatch(const TensorArgs& t, const StepArgs& args, int64_t g_begin, int64_t g_end) {
+void run_item_dispatch(const TensorArgs& t, const AdamWScalars& scalars, const StepArgs& args,
+                       const StepNoise& noise, int64_t g_begin, int64_t g_end) {
   const bool grad = t.grad != nullptr;
-  const bool master = t.master != nullptr;
-  if (master) {
-    if (!grad) return run_item<P, false, false, true>(t, args, g_begin, g_end);
-    if (args.amsgrad) return run_item<P, true, true, true>(t, args, g_begin, g_end);
-    return run_item<P, true, false, true>(t, args, g_begin, g_end);
+  const bool m = args.maximize;
+  if (t.master != nullptr) {
+    if (!grad) return run_item<P, false, false, true>(t, scalars, noise, m, g_begin, g_end);
+    if (args.amsgrad) return run_item<P, true, true, true>(t, scalars, noise, m, g_begin, g_end);
+    return run_item<P, true, false, true>(t, scalars, noise, m, g_begin, g_end);
   }
-  if (!grad) return run_item<P, false, false, false>(t, args, g_begin, g_end);
-  if (args.amsgrad) return run_item<P, true, true, false>(t, args, g_begin, g_end);
-  return run_item<P, true, false, false>(t, args, g_begin, g_end);
+  if (!grad) return run_item<P, false, false, false>(t, scalars, noise, m, g_begin, g_end);
+  if (args.amsgrad) return run_item<P, true, true, false>(t, scalars, noise, m, g_begin, g_end);
+  return run_item<P, true, false, false>(t, scalars, noise, m, g_begin, g_end);
 }
 
-inline void run_items(const std::vector<TensorArgs>& tensors, const std::vector<WorkItem>& items,
-                      const StepArgs& args, int64_t begin, int64_t end) {
+// Work items [begin, end); scalars[i] are tensors[i]'s AdamW scalars.
+inline void run_items(const std::vector<TensorArgs>& tensors, const std::vector<AdamWScalars>& scalars,
+                      const std::vector<WorkItem>& items, const StepArgs& args, const StepNoise& noise,
+                      int64_t begin, int64_t end) {
   for (int64_t w = begin; w < end; ++w) {
     const WorkItem& item = items[w];
     const TensorArgs& t = tensors[item.tensor];
-    switch (t.kind) {
-      case Kind::kFloat: run_item_dispatch<float>(t, args, item.g_begin, item.g_end); break;
-      case Kind::kBFloat16: run_item_dispatch<c10::BFloat16>(t, args, item.g_begin, item.g_end); break;
-      case Kind::kHalf: run_item_dispatch<c10::Half>(t, args, item.g_begin, item.g_end); break;
+    const AdamWScalars& s = scalars[item.tensor];
+    switch (args.param_dtype) {
+      case mergopt::ParamDtype::kFloat: run_item_dispatch<float>(t, s, args, noise, item.g_begin, item.g_end); break;
+      case mergopt::ParamDtype::kBFloat16:
+        run_item_dispatch<c10::BFloat16>(t, s, args, noise, item.g_begin, item.g_end);
+        break;
+      case mergopt::ParamDtype::kHalf: run_item_dispatch<c10::Half>(t, s, args, noise, item.g_begin, item.g_end); break;
     }
   }
 }

@@ -12,9 +12,15 @@
 #include "mergopt/adamw.h"
 #include "mergopt/noise.h"
 #include "mergopt/philox.h"
+#include "mergopt/step_args.h"
 
 namespace mergopt_cuda {
 namespace {
+
+using mergopt::ParamDtype;
+using mergopt::StepArgs;
+using mergopt::StepNoise;
+using mergopt::TensorArgs;
 
 constexpr int kThreads = 256;
 constexpr int64_t kChunkGroups = 2048;  // 8192 elements per block
@@ -22,27 +28,28 @@ constexpr int kMaxTensors = 24;
 constexpr int kMaxBlocks = 320;
 
 struct ChunkTable {
-  TensorDesc tensors[kMaxTensors];
+  TensorArgs tensors[kMaxTensors];
+  float alphas[kMaxAlphas];  // StepArgs::alphas, which point to host memory
   unsigned char block_tensor[kMaxBlocks];
   int block_chunk[kMaxBlocks];
 };
 
-template <ParamType T>
+template <ParamDtype T>
 struct ParamTraits;
 template <>
-struct ParamTraits<ParamType::kFloat> {
+struct ParamTraits<ParamDtype::kFloat> {
   using storage = float;
   static __device__ __forceinline__ float load(const float* p) { return *p; }
   static __device__ __forceinline__ void store(float* p, float x) { *p = x; }
 };
 template <>
-struct ParamTraits<ParamType::kBFloat16> {
+struct ParamTraits<ParamDtype::kBFloat16> {
   using storage = uint16_t;
   static __device__ __forceinline__ float load(const uint16_t* p) { return mergopt::bf16_bits_to_float(*p); }
   static __device__ __forceinline__ void store(uint16_t* p, float x) { *p = mergopt::float_to_bf16_bits(x); }
 };
 template <>
-struct ParamTraits<ParamType::kHalf> {
+struct ParamTraits<ParamDtype::kHalf> {
   using storage = __half;
   static __device__ __forceinline__ float load(const __half* p) { return __half2float(*p); }
   static __device__ __forceinline__ void store(__half* p, float x) { *p = __float2half_rn(x); }
@@ -50,67 +57,60 @@ struct ParamTraits<ParamType::kHalf> {
 
 struct BlockScalars {
   mergopt::AdamWScalars adamw;
-  float restore_scale;
-  float apply_scale;
-  uint32_t step;
-  uint32_t apply_step;
+  StepNoise noise;
 };
 
-__device__ __forceinline__ void group_delta(const StepConfig& c, mergopt::PhiloxKey key, uint64_t group,
-                                            uint32_t step, uint32_t param_id, float scale, float out[4]) {
+__device__ __forceinline__ void group_delta(const StepNoise& n, uint64_t group, uint32_t step, uint32_t param_id,
+                                            float scale, float out[4]) {
   uint32_t w0, w1, w2, w3;
-  mergopt::element_group_words(key, group, step, param_id, w0, w1, w2, w3);
-  mergopt::noise_from_words(static_cast<mergopt::Distribution>(c.distribution), w0, w1, w2, w3, c.noise_loc,
-                            c.noise_scale, out);
+  mergopt::element_group_words(n.key, group, step, param_id, w0, w1, w2, w3);
+  mergopt::noise_from_words(n.distribution, w0, w1, w2, w3, n.loc, n.scale, out);
 #pragma unroll
   for (int k = 0; k < 4; ++k) out[k] = scale * out[k];
 }
 
-template <ParamType T, bool kAmsgrad>
-__global__ void __launch_bounds__(kThreads) fused_step_kernel(ChunkTable table, StepConfig c) {
+template <ParamDtype T, bool kAmsgrad>
+__global__ void __launch_bounds__(kThreads) fused_step_kernel(ChunkTable table, StepArgs args) {
   using Traits = ParamTraits<T>;
   using P = typename Traits::storage;
-  const TensorDesc& t = table.tensors[table.block_tensor[blockIdx.x]];
+  const TensorArgs& t = table.tensors[table.block_tensor[blockIdx.x]];
   const int64_t chunk = table.block_chunk[blockIdx.x];
 
   __shared__ BlockScalars shared;
-  const mergopt::PhiloxKey key = mergopt::philox_key(c.seed);
-  const bool noise_on = c.noise_scale != 0.0f;
   if (threadIdx.x == 0) {
-    const int64_t step_t = *c.noise_step;
-    shared.step = static_cast<uint32_t>(step_t);
-    shared.apply_step = static_cast<uint32_t>(step_t + (c.apply_offset > 0 ? c.apply_offset : 0));
-    shared.restore_scale = noise_on ? mergopt::step_scale(key, shared.step, c.alphas, c.n_alphas, c.k_max) : 0.0f;
-    shared.apply_scale = noise_on ? mergopt::step_scale(key, shared.apply_step, c.alphas, c.n_alphas, c.k_max) : 0.0f;
-    const double adam_step = t.grad != nullptr ? static_cast<double>(*t.step) : 1.0;
-    shared.adamw = mergopt::adamw_scalars(c.lr, c.beta1, c.beta2, c.eps, c.weight_decay, adam_step);
+    shared.noise = mergopt::step_noise(args, *args.noise_step, table.alphas);
+    shared.adamw = mergopt::tensor_adamw_scalars(args, t);
   }
   __syncthreads();
   const BlockScalars s = shared;
-  const bool restore_noise = noise_on && c.restore && t.master == nullptr;
-  const bool apply_noise = noise_on && c.apply_offset >= 0;
+  const bool restore_noise = s.noise.restore && t.master == nullptr;
+  const bool apply_noise = s.noise.apply;
 
   P* param = static_cast<P*>(t.param);
   const P* grad = static_cast<const P*>(t.grad);
-  const int64_t g_first = t.base >> 2;
-  const int64_t g_last = (t.base + t.numel - 1) >> 2;
+  const int64_t g_first = t.index_base >> 2;
+  const int64_t g_last = (t.index_base + t.numel - 1) >> 2;
   const int64_t g_begin = g_first + chunk * kChunkGroups;
   const int64_t g_end = min(g_begin + kChunkGroups, g_last + 1);
   for (int64_t g = g_begin + threadIdx.x; g < g_end; g += kThreads) {
     float restore_delta[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     float apply_delta[4] = {-0.0f, -0.0f, -0.0f, -0.0f};
-    if (restore_noise) group_delta(c, key, static_cast<uint64_t>(g), s.step, t.param_id, s.restore_scale, restore_delta);
-    if (apply_noise) group_delta(c, key, static_cast<uint64_t>(g), s.apply_step, t.param_id, s.apply_scale, apply_delta);
+    if (restore_noise) {
+      group_delta(s.noise, static_cast<uint64_t>(g), s.noise.step, t.param_id, s.noise.restore_scale, restore_delta);
+    }
+    if (apply_noise) {
+      group_delta(s.noise, static_cast<uint64_t>(g), s.noise.apply_step, t.param_id, s.noise.apply_scale, apply_delta);
+    }
 #pragma unroll
     for (int k = 0; k < 4; ++k) {  // ILP: four independent elements per thread
-      const int64_t j = 4 * g + k - t.base;
+      const int64_t j = 4 * g + k - t.index_base;
       if (j < 0 || j >= t.numel) continue;
       float theta = t.master != nullptr ? t.master[j] : Traits::load(param + j) - restore_delta[k];
       if (grad != nullptr) {
         float m = t.exp_avg[j];
         float v = t.exp_avg_sq[j];
         float vmax = kAmsgrad ? t.max_exp_avg_sq[j] : 0.0f;
-        mergopt::adamw_update<kAmsgrad>(theta, Traits::load(grad + j), m, v, vmax, s.adamw, c.maximize);
+        mergopt::adamw_update<kAmsgrad>(theta, Traits::load(grad + j), m, v, vmax, s.adamw, args.maximize);
         t.exp_avg[j] = m;
         t.exp_avg_sq[j] = v;
         if (kAmsgrad) t.max_exp_avg_sq[j] = vmax;
@@ -121,22 +121,23 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(ChunkTable table, 
   }
 }
 
-template <ParamType T, bool kAmsgrad>
-cudaError_t launch_typed(const TensorDesc* tensors, int n_tensors, const StepConfig& config, cudaStream_t stream) {
+template <ParamDtype T, bool kAmsgrad>
+cudaError_t launch_typed(const TensorArgs* tensors, int n_tensors, const StepArgs& args, cudaStream_t stream) {
   ChunkTable table;
+  for (uint32_t i = 0; i < args.n_alphas; ++i) table.alphas[i] = args.alphas[i];
   int n_table = 0;
   int n_blocks = 0;
   auto flush = [&]() -> cudaError_t {
     if (n_blocks == 0) return cudaSuccess;
-    fused_step_kernel<T, kAmsgrad><<<n_blocks, kThreads, 0, stream>>>(table, config);
+    fused_step_kernel<T, kAmsgrad><<<n_blocks, kThreads, 0, stream>>>(table, args);
     n_blocks = 0;
     n_table = 0;
     return cudaGetLastError();
   };
   for (int i = 0; i < n_tensors; ++i) {
-    const TensorDesc& d = tensors[i];
+    const TensorArgs& d = tensors[i];
     if (d.numel == 0) continue;
-    const int64_t n_groups = ((d.base + d.numel - 1) >> 2) - (d.base >> 2) + 1;
+    const int64_t n_groups = ((d.index_base + d.numel - 1) >> 2) - (d.index_base >> 2) + 1;
     const int64_t n_chunks = (n_groups + kChunkGroups - 1) / kChunkGroups;
     bool listed = false;
     for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
@@ -161,21 +162,20 @@ cudaError_t launch_typed(const TensorDesc* tensors, int n_tensors, const StepCon
   return flush();
 }
 
-template <ParamType T>
-cudaError_t launch_amsgrad(const TensorDesc* tensors, int n_tensors, const StepConfig& config, cudaStream_t stream) {
-  return config.amsgrad ? launch_typed<T, true>(tensors, n_tensors, config, stream)
-                        : launch_typed<T, false>(tensors, n_tensors, config, stream);
+template <ParamDtype T>
+cudaError_t launch_amsgrad(const TensorArgs* tensors, int n_tensors, const StepArgs& args, cudaStream_t stream) {
+  return args.amsgrad ? launch_typed<T, true>(tensors, n_tensors, args, stream)
+                      : launch_typed<T, false>(tensors, n_tensors, args, stream);
 }
 
 }  // namespace
 
-cudaError_t launch_fused_step(const TensorDesc* tensors, int n_tensors, const StepConfig& config,
-                              cudaStream_t stream) {
-  if (config.n_alphas == 0 || config.n_alphas > kMaxAlphas || config.k_max == 0) return cudaErrorInvalidValue;
-  switch (config.param_type) {
-    case ParamType::kFloat: return launch_amsgrad<ParamType::kFloat>(tensors, n_tensors, config, stream);
-    case ParamType::kBFloat16: return launch_amsgrad<ParamType::kBFloat16>(tensors, n_tensors, config, stream);
-    case ParamType::kHalf: return launch_amsgrad<ParamType::kHalf>(tensors, n_tensors, config, stream);
+cudaError_t launch_fused_step(const TensorArgs* tensors, int n_tensors, const StepArgs& args, cudaStream_t stream) {
+  if (args.n_alphas == 0 || args.n_alphas > kMaxAlphas || args.k_max == 0) return cudaErrorInvalidValue;
+  switch (args.param_dtype) {
+    case ParamDtype::kFloat: return launch_amsgrad<ParamDtype::kFloat>(tensors, n_tensors, args, stream);
+    case ParamDtype::kBFloat16: return launch_amsgrad<ParamDtype::kBFloat16>(tensors, n_tensors, args, stream);
+    case ParamDtype::kHalf: return launch_amsgrad<ParamDtype::kHalf>(tensors, n_tensors, args, stream);
   }
   return cudaErrorInvalidValue;
 }

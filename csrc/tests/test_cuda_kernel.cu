@@ -10,6 +10,7 @@
 #include "mergopt/adamw.h"
 #include "mergopt/noise.h"
 #include "mergopt/philox.h"
+#include "mergopt/step_args.h"
 
 #define CHECK_CUDA(call)                                                              \
   do {                                                                                \
@@ -28,28 +29,31 @@ uint32_t bits(float x) {
   return b;
 }
 
-float host_delta(const mergopt_cuda::StepConfig& c, uint32_t step, uint32_t param_id, int64_t index) {
+// s_step z of element `index`, from the host core's scalar code.
+float host_delta(const mergopt::StepArgs& c, uint32_t step, uint32_t param_id, int64_t index) {
   const mergopt::PhiloxKey key = mergopt::philox_key(c.seed);
   uint32_t w[4];
   float z[4];
   mergopt::element_group_words(key, static_cast<uint64_t>(index >> 2), step, param_id, w[0], w[1], w[2], w[3]);
-  mergopt::noise_from_words(static_cast<mergopt::Distribution>(c.distribution), w[0], w[1], w[2], w[3], c.noise_loc,
-                            c.noise_scale, z);
+  mergopt::noise_from_words(c.distribution, w[0], w[1], w[2], w[3], static_cast<float>(c.noise_loc),
+                            static_cast<float>(c.noise_scale), z);
   const float s = mergopt::step_scale(key, step, c.alphas, c.n_alphas, c.k_max);
   return s * z[index & 3];
 }
 
-int run_case(int distribution, bool amsgrad) {
+int run_case(mergopt::Distribution distribution, bool amsgrad) {
   const int64_t sizes[] = {1, 7, 4099, 70001, 3000000};
   const int64_t bases[] = {0, 5, 3, (1ll << 34) + 1, 2};
   const int n = 5;
-  mergopt_cuda::StepConfig c{};
+  float alphas[6];
+  for (int i = 0; i < 6; ++i) alphas[i] = 0.1f * (i + 1);
+  mergopt::StepArgs c{};
   c.seed = 0x9E3779B97F4A7C15ull;
   c.lr = 1e-3; c.beta1 = 0.9; c.beta2 = 0.999; c.eps = 1e-8; c.weight_decay = 0.01;
-  for (int i = 0; i < 6; ++i) c.alphas[i] = 0.1f * (i + 1);
-  c.n_alphas = 6; c.k_max = 7; c.noise_loc = 0.0f; c.noise_scale = 5e-4f;
+  c.alphas = alphas;
+  c.n_alphas = 6; c.k_max = 7; c.noise_loc = 0.0; c.noise_scale = 5e-4;
   c.distribution = distribution; c.apply_offset = 1; c.restore = true; c.amsgrad = amsgrad; c.maximize = false;
-  c.param_type = mergopt_cuda::ParamType::kFloat;
+  c.param_dtype = mergopt::ParamDtype::kFloat;
   const int64_t t = 7;
   int64_t* d_t;
   CHECK_CUDA(cudaMalloc(&d_t, sizeof(int64_t)));
@@ -60,7 +64,7 @@ int run_case(int distribution, bool amsgrad) {
   CHECK_CUDA(cudaMalloc(&d_step, sizeof(float)));
   CHECK_CUDA(cudaMemcpy(d_step, &step, sizeof(step), cudaMemcpyHostToDevice));
 
-  std::vector<mergopt_cuda::TensorDesc> descs(n);
+  std::vector<mergopt::TensorArgs> descs(n);
   std::vector<std::vector<float>> host(n * 5);
   std::vector<float*> device(n * 5);
   for (int i = 0; i < n; ++i) {
@@ -72,9 +76,9 @@ int run_case(int distribution, bool amsgrad) {
       CHECK_CUDA(cudaMalloc(&device[5 * i + a], sizes[i] * sizeof(float)));
       CHECK_CUDA(cudaMemcpy(device[5 * i + a], h.data(), sizes[i] * sizeof(float), cudaMemcpyHostToDevice));
     }
-    descs[i] = mergopt_cuda::TensorDesc{device[5 * i], i == 2 ? nullptr : device[5 * i + 1], device[5 * i + 2],
-                                        device[5 * i + 3], amsgrad ? device[5 * i + 4] : nullptr, nullptr, d_step,
-                                        sizes[i], bases[i], static_cast<uint32_t>(10 + i)};
+    descs[i] = mergopt::TensorArgs{device[5 * i], i == 2 ? nullptr : device[5 * i + 1], device[5 * i + 2],
+                                   device[5 * i + 3], amsgrad ? device[5 * i + 4] : nullptr, nullptr, d_step,
+                                   sizes[i], bases[i], static_cast<uint32_t>(10 + i)};
   }
   CHECK_CUDA(mergopt_cuda::launch_fused_step(descs.data(), n, c, nullptr));
   CHECK_CUDA(cudaDeviceSynchronize());
@@ -99,7 +103,7 @@ int run_case(int distribution, bool amsgrad) {
   for (float* p : device) CHECK_CUDA(cudaFree(p));
   CHECK_CUDA(cudaFree(d_t));
   CHECK_CUDA(cudaFree(d_step));
-  std::printf("distribution %d amsgrad %d: %d mismatches\n", distribution, amsgrad, mismatches);
+  std::printf("distribution %d amsgrad %d: %d mismatches\n", static_cast<int>(distribution), amsgrad, mismatches);
   return mismatches;
 }
 
@@ -112,7 +116,7 @@ int main() {
     return 77;
   }
   int failures = 0;
-  for (int distribution = 0; distribution < 2; ++distribution) {
+  for (mergopt::Distribution distribution : {mergopt::Distribution::kLaplace, mergopt::Distribution::kGaussian}) {
     failures += run_case(distribution, false);
     failures += run_case(distribution, true);
   }
