@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mergopt_kernels import noise
-from mergopt_kernels.ops import native
+from mergopt_kernels.ops import native, step_args
 
 pytestmark = pytest.mark.skipif(not native.available("cpu"),
                                 reason="native library not built (python setup.py build_ext --inplace)")
@@ -282,6 +282,37 @@ def test_more_bad_arguments():
         with pytest.raises(RuntimeError, match=match):
             _call(state, t=1, restore=True, apply_offset=apply_offset)
         assert torch.equal(p, torch.ones(4)) and torch.equal(base["exp_avgs"][0], torch.zeros(4))
+
+
+def test_schema_is_the_fields_of_fused_step_args():
+    """The schema written in C++ (torch_common/fused_step_args.h) lists FusedStepArgs' fields in order."""
+    schema = str(torch.ops.mergopt_kernels.fused_step.default._schema)
+    assert schema == "mergopt_kernels::fused_step" + step_args.op_schema()
+
+
+def test_fused_step_args_call_matches_the_positional_call(fresh_seed):
+    """native.fused_step(FusedStepArgs) is the op called with the fields in order (seed above
+    2**63 and a tensor lr included): the same bits."""
+    sizes = (7, 4099)
+    gen = torch.Generator().manual_seed(fresh_seed & 0xFFFF)
+    init = [torch.randn(n, generator=gen) for n in sizes]
+    grads = [torch.randn(n, generator=gen) for n in sizes]
+    seed = fresh_seed | (1 << 63)
+    results = []
+    for via_args in (False, True):
+        state = dict(params=[t.clone() for t in init], grads=grads, exp_avgs=[torch.zeros(n) for n in sizes],
+                     exp_avg_sqs=[torch.zeros(n) for n in sizes], max_exp_avg_sqs=[], masters=[],
+                     steps=[torch.tensor(2.0) for _ in sizes])
+        if via_args:
+            native.fused_step(step_args.FusedStepArgs(
+                **state, param_ids=[10, 11], index_bases=[0, 5], seed=seed, noise_step=torch.tensor([6]),
+                lr=torch.tensor([1e-3], dtype=torch.float64), beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                amsgrad=False, maximize=False, noise_loc=0.0, noise_scale=5e-4, alphas=ALPHAS, k_max=K_MAX,
+                distribution="laplace", restore=True, apply_offset=1))
+        else:
+            _call(state, seed=seed, t=6, restore=True, apply_offset=1, bases=(0, 5))
+        results.append([x.view(torch.int32) for key in ("params", "exp_avgs", "exp_avg_sqs") for x in state[key]])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 @pytest.mark.parametrize("distribution", ["laplace", "gaussian"])

@@ -1,6 +1,7 @@
 """Kernels and their launchers. ``fused_step`` dispatches one bucket of tensors to a backend.
 
-Backends, all computing ``ops.torch_step.fused_step``'s semantics on the same noise stream:
+Backends, each taking one ``FusedStepArgs`` (``ops/step_args.py``: the step's arguments and
+their semantics) and computing the same step on the same noise stream:
 - ``"triton"``: the multi-tensor Triton kernel (GPUs; CPU tensors under TRITON_INTERPRET=1),
 - ``"native"``: the C++ op of csrc/ (CPU, and CUDA where it was built with CUDA),
 - ``"cuda"``: the native op, for CUDA tensors only,
@@ -10,7 +11,11 @@ Backends, all computing ``ops.torch_step.fused_step``'s semantics on the same no
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+
+from .step_args import FusedStepArgs
 
 BACKENDS = ("auto", "triton", "native", "cuda", "torch")
 
@@ -45,19 +50,19 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def fused_step(backend: str, **kwargs) -> None:
-    """Run the fused step of ``ops.torch_step.fused_step`` on a resolved backend."""
+def fused_step(backend: str, args: FusedStepArgs, cache: Optional[dict] = None) -> None:
+    """Run the fused step of ``args`` on a resolved ``backend`` ("triton", "native" or "torch").
+    ``cache``: a dict kept per bucket by the caller, where the Triton backend keeps its address
+    tables between eager steps (None: none kept)."""
     if backend == "triton":
         from . import triton_step
         if torch.compiler.is_compiling():  # an opaque custom op: torch.compile cannot trace it
-            triton_step.fused_step_op(**kwargs)
+            triton_step.fused_step_op(args)
         else:
-            triton_step.fused_step(**kwargs)
-        return
-    kwargs.pop("cache", None)
-    if backend == "native":
+            triton_step.fused_step(args, cache=cache)
+    elif backend == "native":
         from . import native
-        native.fused_step(**kwargs)
+        native.fused_step(args)
     else:
         from . import torch_step
-        torch_step.fused_step(**kwargs)
+        torch_step.fused_step(args)

@@ -1,10 +1,11 @@
 """Loader of the optional native library ``mergopt_kernels._C`` (csrc/, built by setup.py).
 
 It registers ``torch.ops.mergopt_kernels.fused_step`` for CPU tensors and, where it was built
-with CUDA, for CUDA tensors; the schema and semantics are those of ``ops/torch_step.fused_step``,
-except that ``seed`` must be an int64: pass ``noise.seed_as_int64(seed)`` (the same 64 bits,
-two's-complement). Nothing is loaded at import time; the first ``available()`` or ``fused_step``
-call loads the library, and if it is missing warns once and reports it unavailable.
+with CUDA, for CUDA tensors; its schema is ``step_args.op_schema()`` (the fields of
+``FusedStepArgs`` in order) and ``fused_step(args)`` calls it with ``step_args.op_arguments``
+(``seed`` as its int64, ``lr`` a float). Nothing is loaded at import time; the first
+``available()`` or ``fused_step`` call loads the library, and if it is missing warns once and
+reports it unavailable.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .. import noise
+from . import step_args
+from .step_args import FusedStepArgs
 
 _LOCK = threading.Lock()
 _STATE: dict = {}  # "loaded": bool, "devices": frozenset of device types with a kernel
@@ -30,10 +32,7 @@ def _library_path() -> Path | None:
 
 def _register_fake() -> None:
     @torch.library.register_fake(_OP_NAME)
-    def _fused_step_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps, param_ids,
-                         index_bases, seed, noise_step, lr, beta1, beta2, eps, weight_decay, amsgrad,
-                         maximize, noise_loc, noise_scale, alphas, k_max, distribution, restore,
-                         apply_offset):
+    def _fused_step_fake(*args, **kwargs):
         return None
 
 
@@ -68,14 +67,9 @@ def available(device_type: str = "cpu") -> bool:
     return device_type in _load()["devices"]
 
 
-def fused_step(**kwargs) -> None:
-    """``torch.ops.mergopt_kernels.fused_step`` with the keyword arguments of ``torch_step.fused_step``.
-
-    ``seed`` may be any integer in [0, 2**64); ``lr`` a Python float or a 1-element tensor read here.
-    """
+def fused_step(args: FusedStepArgs) -> None:
+    """``torch.ops.mergopt_kernels.fused_step`` over ``args`` (see ``FusedStepArgs``; a tensor
+    ``lr`` is read here, on the host)."""
     if not _load()["loaded"]:
         raise RuntimeError("mergopt_kernels native library is not available")
-    kwargs["seed"] = noise.seed_as_int64(kwargs["seed"])
-    kwargs["lr"] = float(kwargs["lr"])
-    kwargs["grads"] = list(kwargs["grads"])
-    torch.ops.mergopt_kernels.fused_step(**kwargs)
+    torch.ops.mergopt_kernels.fused_step(*step_args.op_arguments(args))

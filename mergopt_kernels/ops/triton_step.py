@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from .. import noise
-from . import triton_noise
+from . import step_args, triton_noise
+from .step_args import FusedStepArgs
 
 # Columns of the tensor table (int64): one row per tensor.
 F_PARAM: tl.constexpr = 0
@@ -188,21 +189,12 @@ def _device_alphas(alphas: Sequence[float], device: torch.device) -> torch.Tenso
     return _ALPHAS[key]
 
 
-def fused_step(params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Tensor]],
-               exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
-               max_exp_avg_sqs: Sequence[torch.Tensor], masters: Sequence[torch.Tensor],
-               steps: Sequence[torch.Tensor], param_ids: Sequence[int], index_bases: Sequence[int],
-               seed: int, noise_step: torch.Tensor, lr, beta1: float, beta2: float,
-               eps: float, weight_decay: float, amsgrad: bool, maximize: bool, noise_loc: float,
-               noise_scale: float, alphas: Sequence[float], k_max: int, distribution: str,
-               restore: bool, apply_offset: int, cache: Optional[dict] = None) -> None:
-    """Launch the fused step over contiguous same-device, same-dtype tensors (in place).
-
-    Same arguments and semantics as ``ops.torch_step.fused_step``, except: ``lr`` may be a
-    float or a 1-element tensor on the device, and ``cache`` (a dict the caller keeps per
-    bucket) holds the address tables between steps.
-    Grads must be contiguous and of the parameters' dtype.
+def fused_step(args: FusedStepArgs, cache: Optional[dict] = None) -> None:
+    """Launch the fused step of ``args`` (see ``FusedStepArgs``; in place) over contiguous
+    tensors of one device and dtype. A tensor ``args.lr`` is read on the device; ``cache`` (a
+    dict the caller keeps per bucket) holds the address tables between steps.
     """
+    params, grads = args.params, args.grads
     if not params:
         return
     device = params[0].device
@@ -212,26 +204,28 @@ def fused_step(params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Te
         rows.append((
             param.data_ptr(),
             grad.data_ptr() if grad is not None else 0,
-            exp_avgs[i].data_ptr() if grad is not None else 0,
-            exp_avg_sqs[i].data_ptr() if grad is not None else 0,
-            max_exp_avg_sqs[i].data_ptr() if amsgrad and grad is not None else 0,
-            masters[i].data_ptr() if masters else 0,
-            steps[i].data_ptr() if grad is not None else 0,
-            param.numel(), param_ids[i], index_bases[i], int(grad is not None),
+            args.exp_avgs[i].data_ptr() if grad is not None else 0,
+            args.exp_avg_sqs[i].data_ptr() if grad is not None else 0,
+            args.max_exp_avg_sqs[i].data_ptr() if args.amsgrad and grad is not None else 0,
+            args.masters[i].data_ptr() if args.masters else 0,
+            args.steps[i].data_ptr() if grad is not None else 0,
+            param.numel(), args.param_ids[i], args.index_bases[i], int(grad is not None),
         ))
     groups_per_block = _groups_per_block(max(p.numel() for p in params))
     tables = cache.setdefault("tables", _Tables()) if cache is not None else _Tables()
     tensor_table, block_table = tables.get(rows, groups_per_block, device)
-    alphas = _device_alphas(alphas, device)
+    alphas = _device_alphas(args.alphas, device)
+    lr = args.lr
     lr_is_tensor = isinstance(lr, torch.Tensor)
     _fused_step_kernel[(block_table.shape[0],)](
         # Without a tensor lr, lr_ptr is never read: any valid pointer fills the slot.
-        tensor_table, block_table, noise_step, alphas, lr if lr_is_tensor else alphas,
-        noise.seed_as_int64(seed), 0.0 if lr_is_tensor else float(lr), float(beta1), float(beta2), float(eps),
-        float(weight_decay), float(noise_loc), float(noise_scale), alphas.numel(), int(k_max),
-        PARAM_DTYPE=_TL_DTYPES[params[0].dtype], HAS_MASTER=bool(masters), AMSGRAD=bool(amsgrad),
-        MAXIMIZE=bool(maximize), NOISY=noise_scale != 0.0, RESTORE=bool(restore),
-        APPLY_OFFSET=int(apply_offset), GAUSSIAN=distribution == "gaussian",
+        tensor_table, block_table, args.noise_step, alphas, lr if lr_is_tensor else alphas,
+        noise.seed_as_int64(args.seed), 0.0 if lr_is_tensor else float(lr), float(args.beta1),
+        float(args.beta2), float(args.eps), float(args.weight_decay), float(args.noise_loc),
+        float(args.noise_scale), alphas.numel(), int(args.k_max),
+        PARAM_DTYPE=_TL_DTYPES[params[0].dtype], HAS_MASTER=bool(args.masters), AMSGRAD=bool(args.amsgrad),
+        MAXIMIZE=bool(args.maximize), NOISY=args.noise_scale != 0.0, RESTORE=bool(args.restore),
+        APPLY_OFFSET=int(args.apply_offset), GAUSSIAN=args.distribution == "gaussian",
         LR_IS_TENSOR=lr_is_tensor,
         ROUND_BF16_FIRST=interpreted() and params[0].dtype == torch.bfloat16,
         BLOCK_G=groups_per_block,
@@ -242,24 +236,16 @@ def fused_step(params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Te
 # compiled code calls it through this opaque custom op: one node in the graph, no graph break.
 # Its tables live here, one per bucket (device, dtype, first parameter's address, size).
 _COMPILED_TABLES: dict = {}
-_MUTATED = ("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "masters")
 
 
-@torch.library.custom_op("mergopt_triton::fused_step", mutates_args=_MUTATED)
-def _fused_step_op(params: list[torch.Tensor], grads: list[Optional[torch.Tensor]],
-                   exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
-                   max_exp_avg_sqs: list[torch.Tensor], masters: list[torch.Tensor],
-                   steps: list[torch.Tensor], param_ids: list[int], index_bases: list[int],
-                   seed: int, noise_step: torch.Tensor, lr: float, lr_tensor: Optional[torch.Tensor],
-                   beta1: float, beta2: float, eps: float, weight_decay: float, amsgrad: bool,
-                   maximize: bool, noise_loc: float, noise_scale: float, alphas: list[float],
-                   k_max: int, distribution: str, restore: bool, apply_offset: int) -> None:
+@torch.library.custom_op("mergopt_triton::fused_step", mutates_args=step_args.MUTATED,
+                         schema=step_args.op_schema(lr_tensor=True))
+def _fused_step_op(*values) -> None:
+    args = step_args.from_op_arguments(values, lr_tensor=True)
+    params = args.params
     key = (params[0].device, params[0].dtype, params[0].data_ptr(), len(params),
-           tuple(g is None for g in grads))
-    fused_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, steps, param_ids,
-               index_bases, seed, noise_step, lr if lr_tensor is None else lr_tensor,
-               beta1, beta2, eps, weight_decay, amsgrad, maximize, noise_loc, noise_scale, alphas,
-               k_max, distribution, restore, apply_offset, cache=_COMPILED_TABLES.setdefault(key, {}))
+           tuple(g is None for g in args.grads))
+    fused_step(args, cache=_COMPILED_TABLES.setdefault(key, {}))
 
 
 @_fused_step_op.register_fake
@@ -267,14 +253,8 @@ def _fused_step_fake(*args, **kwargs) -> None:
     return None
 
 
-def fused_step_op(**kwargs) -> None:
-    """``fused_step``'s keyword arguments, through the custom op (for torch.compile)."""
-    kwargs.pop("cache", None)
-    if not kwargs["params"]:
+def fused_step_op(args: FusedStepArgs) -> None:
+    """``fused_step`` through the custom op ``mergopt_triton::fused_step`` (for torch.compile)."""
+    if not args.params:
         return
-    lr = kwargs.pop("lr")
-    lr_is_tensor = isinstance(lr, torch.Tensor)
-    kwargs["grads"] = list(kwargs["grads"])
-    torch.ops.mergopt_triton.fused_step(
-        **kwargs, seed=noise.seed_as_int64(kwargs.pop("seed")),
-        lr=0.0 if lr_is_tensor else float(lr), lr_tensor=lr if lr_is_tensor else None)
+    torch.ops.mergopt_triton.fused_step(*step_args.op_arguments(args, lr_tensor=True))

@@ -293,11 +293,11 @@ class PerturbationMixin:
         # ops.triton_step): no dict grows while compiling, so a compiled step compiles once.
         cache = self._launch_caches.setdefault((index, device, params[0].dtype, noise_only), {}) \
             if backend == "triton" and not torch.compiler.is_compiling() else None
-        ops.fused_step(
-            backend, params=params, grads=grads,
-            masters=masters, param_ids=param_ids, index_bases=index_bases,
+        args = ops.FusedStepArgs(
+            params=params, grads=grads, masters=masters, param_ids=param_ids, index_bases=index_bases,
             seed=self._seed, noise_step=self._noise_step(device), restore=restore,
-            apply_offset=apply_offset, cache=cache, **(noise or NOISE_OFF), **adam)
+            apply_offset=apply_offset, **(noise or NOISE_OFF), **adam)
+        ops.fused_step(backend, args, cache=cache)
 
     def _perturb_group(self, index: int) -> None:
         """Give group ``index``, added after construction, the noise-state keys and (while
