@@ -194,6 +194,15 @@ def agree_on_seed(seed: int, given: bool) -> int:
     return seeds[0][0]
 
 
+def version_of(p: torch.Tensor):
+    """``p``'s version counter, which every in-place write through ``p`` (or a view of it)
+    bumps; for a DTensor with its local shard's too (torch.distributed.checkpoint loads write
+    the shards)."""
+    if _DTensor is not None and isinstance(p, _DTensor):
+        return p._version, local_tensor(p)._version
+    return p._version
+
+
 def needs_master(p: torch.Tensor) -> bool:
     """Whether ``p`` keeps an fp32 master copy of theta (bfloat16 and float16 parameters)."""
     return p.dtype != torch.float32
@@ -215,10 +224,14 @@ class PerturbationBook:
       parameters hold; restores use them, so options changed between steps are undone cleanly.
     - ``steps``: device -> int64 tensor [1] holding t, the noise step (``step_start`` until a
       device has one), so that no step reads it on the host.
-    - ``written``: parameter -> its version counter (``p._version``) right after the
+    - ``written``: parameter -> its version counter (``version_of(p)``) right after the
       optimizer last wrote it. Any other value means something else has written it since:
       it then holds clean theta. ``versions_known`` is False after a step run under
       torch.compile (its graph cannot branch on version counters) until the next eager write.
+    - ``loaded``: parameter -> a copy of what ``load_state_dict()`` wrote into it, kept until
+      the next check: torch.distributed.checkpoint's ``set_state_dict`` loads the optimizer,
+      then copies the model state dict into the parameters, and when that state dict aliases
+      them (``get_state_dict``'s does) the copy rewrites the same values: not a new theta.
     - ``layout``: parameter -> the (device, dtype) its state was made for.
     - ``launch_caches``, ``param_ids``, ``index_bases``: caches of the launches, rebuilt when
       a parameter is added, moved or cast.
@@ -234,6 +247,7 @@ class PerturbationBook:
         self.steps: dict[torch.device, torch.Tensor] = {}
         self.written: dict = {}
         self.versions_known = True
+        self.loaded: dict = {}
         self.layout: dict = {}
         self.launch_caches: dict = {}
         self.param_ids: tuple = ((), {})
@@ -323,16 +337,20 @@ class PerturbationMixin:
             layout = book.layout.get(p)
             if layout is None:  # put into a group by hand: it holds clean theta
                 self._make_state([p])
-                book.written[p] = p._version
+                book.written[p] = version_of(p)
                 book.clear_caches()
             elif layout != (p.device, p.dtype):
                 self._relayout(p)
         if torch.compiler.is_compiling() or not book.versions_known:
             return
+        loaded, book.loaded = book.loaded, {}
         for p in self._all_params():
             version = book.written.get(p)
-            if version is not None and version != p._version:
-                self._take_written(p)
+            if version is not None and version != version_of(p):
+                if p in loaded and torch.equal(local_tensor(p), loaded[p]):
+                    book.written[p] = version_of(p)  # rewritten with what load_state_dict wrote
+                else:
+                    self._take_written(p)
 
     def _take_written(self, p: torch.Tensor) -> None:
         """``p`` holds clean theta written from outside: never restore it, resync its master."""
@@ -340,7 +358,7 @@ class PerturbationMixin:
         master = self._master_holder(p).get("master")
         if master is not None:
             local_tensor(master).copy_(local_tensor(p))
-        self._book.written[p] = p._version
+        self._book.written[p] = version_of(p)
 
     @torch.no_grad()
     def weights_written(self, params=None) -> None:
@@ -387,7 +405,7 @@ class PerturbationMixin:
         else:
             holder.pop("master", None)
         book.layout[p] = (p.device, p.dtype)
-        book.written[p] = p._version
+        book.written[p] = version_of(p)
         book.clear_caches()
 
     def _record_writes(self) -> None:
@@ -397,7 +415,7 @@ class PerturbationMixin:
         if torch.compiler.is_compiling():
             book.versions_known = False
             return
-        book.written = {p: p._version for p in self._all_params()}
+        book.written = {p: version_of(p) for p in self._all_params()}
         book.versions_known = True
 
     def _param_ids(self) -> dict:
@@ -714,6 +732,7 @@ class PerturbationMixin:
         self._write_pass(apply_offset=0)
         book.active = True
         self._record_writes()
+        book.loaded = {p: local_tensor(p).detach().clone() for p in self._all_params()}
 
     def _load_mergopt_state(self, saved: dict) -> None:
         """Take the noise state that ``_split_mergopt_state`` returned (checked there)."""
