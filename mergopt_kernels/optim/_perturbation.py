@@ -333,6 +333,10 @@ class PerturbationMixin:
         (``_relayout``), one whose version counter changed was written from outside and holds
         clean theta (``_take_written``)."""
         book = self._book
+        check_versions = book.versions_known and not torch.compiler.is_compiling()
+        loaded = book.loaded
+        if check_versions:
+            book.loaded = {}
         for p in self._all_params():
             layout = book.layout.get(p)
             if layout is None:  # put into a group by hand: it holds clean theta
@@ -341,12 +345,7 @@ class PerturbationMixin:
                 book.clear_caches()
             elif layout != (p.device, p.dtype):
                 self._relayout(p)
-        if torch.compiler.is_compiling() or not book.versions_known:
-            return
-        loaded, book.loaded = book.loaded, {}
-        for p in self._all_params():
-            version = book.written.get(p)
-            if version is not None and version != version_of(p):
+            elif check_versions and book.written.get(p) != version_of(p):
                 if p in loaded and torch.equal(local_tensor(p), loaded[p]):
                     book.written[p] = version_of(p)  # rewritten with what load_state_dict wrote
                 else:

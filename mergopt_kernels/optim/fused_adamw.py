@@ -20,6 +20,13 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
     ``amsgrad``, ``max_exp_avg_sq``; bfloat16/float16 parameters also keep ``master``, an fp32
     copy of theta that makes their restore exact (their moments are fp32 too).
 
+    The parameters are the user's: a parameter written from outside since the optimizer last
+    wrote it (its version counter changed: ``load_state_dict``, ``copy_``, DCP's
+    ``set_state_dict``) holds clean theta, from which no noise is subtracted; writes through
+    ``p.data`` or between compiled steps are declared with ``weights_written()``. Parameters
+    that do not require grad are never perturbed (read at every step). Moved or cast
+    parameters take their state along. See README "The parameters are yours".
+
     Distributed training: FSDP2-sharded parameters (DTensors placed ``Shard(0)`` or
     ``Replicate()`` on every mesh dimension) are updated shard by shard, each element with the
     noise of its index in the whole parameter, so a sharded run follows the 1-process run.

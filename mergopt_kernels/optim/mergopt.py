@@ -19,6 +19,9 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
     fp32 copy of theta for the restore, held by the wrapper (not in ``base``'s state, which
     optimizers such as Adam fill lazily) and rebuilt from the clean parameters on load.
 
+    Outside writes, frozen, moved and cast parameters: as in ``FusedMergOptAdamW``; the
+    base's state follows a moved or cast parameter as torch's ``load_state_dict`` would.
+
     Args:
         base: a constructed torch optimizer; its groups get the noise options below as defaults.
         noise_scale, noise_loc, alphas, k_max, distribution, seed, backend: as in
