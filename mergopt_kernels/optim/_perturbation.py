@@ -14,7 +14,7 @@ import math
 import numbers
 import os
 from collections import defaultdict
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import numpy
 import torch
@@ -333,7 +333,7 @@ class PerturbationMixin:
         (``_relayout``), one whose version counter changed was written from outside and holds
         clean theta (``_take_written``)."""
         book = self._book
-        check_versions = book.versions_known and not torch.compiler.is_compiling()
+        check_versions = not torch.compiler.is_compiling() and book.versions_known  # no guard when compiling
         loaded = book.loaded
         if check_versions:
             book.loaded = {}
