@@ -9,6 +9,7 @@ import sys
 import time
 
 DEFAULT_OUT = "mergopt_demo_out"
+INSTALL_DEMO = "pip install 'mergopt_kernels[demo]'"
 
 
 def _positive_int(text: str) -> int:
@@ -28,21 +29,37 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+DEMO_EXTRA_MODULES = ("tqdm", "sklearn", "matplotlib")  # the [demo] extra
+
+
+def _demo_names() -> tuple[dict, tuple, dict, str]:
+    """(task views, default tasks, merge methods, the missing module's name or ""): empty
+    when the [demo] extra is not installed, so that --help still works."""
+    try:
+        from .demo.experiment import MERGES
+        from .demo.tasks import DEFAULT_TASKS, VIEWS
+    except ModuleNotFoundError as error:
+        if error.name not in DEMO_EXTRA_MODULES:
+            raise
+        return {}, (), {}, error.name
+    return VIEWS, DEFAULT_TASKS, MERGES, ""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (subcommand ``demo``)."""
-    from .demo.experiment import MERGES
-    from .demo.tasks import DEFAULT_TASKS, VIEWS
-
+    views, default_tasks, merges, missing = _demo_names()
     parser = argparse.ArgumentParser(prog="mergopt-kernels", description=__doc__)
+    parser.set_defaults(missing_extra=missing)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
-        "demo", help="fine-tune experts with AdamW and MergOPT on digit tasks, merge them, print the table",
+        "demo", help="fine-tune experts with AdamW and MergOPT on digit tasks, merge them, print the table"
+                     + (f" (needs the [demo] extra: {INSTALL_DEMO})" if missing else ""),
         description="Pre-train an MLP on scikit-learn's digits, fine-tune one expert per task with AdamW, "
                     "FusedMergOptAdamW and its noise-off control, merge each set of experts and evaluate "
                     "the merged models on every task (mean ± std over seeds). Offline, CPU or CUDA.")
-    demo.add_argument("--tasks", nargs="+", choices=list(VIEWS), default=None, metavar="TASK",
-                      help=f"tasks (views of the digits), at least two; choices {list(VIEWS)}; "
-                           f"default all: {' '.join(DEFAULT_TASKS)}")
+    demo.add_argument("--tasks", nargs="+", choices=list(views) or None, default=None, metavar="TASK",
+                      help=f"tasks (views of the digits), at least two; choices {list(views)}; "
+                           f"default all: {' '.join(default_tasks)}")
     demo.add_argument("--seeds", type=_positive_int, default=None, help="number of seeds (default 10, --quick 1)")
     demo.add_argument("--epochs", type=_positive_int, default=None,
                       help="fine-tuning epochs per expert (default 3, --quick 1)")
@@ -50,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="MergOPT noise scale b (default: fitted to pilot AdamW task vectors)")
     demo.add_argument("--distribution", choices=("laplace", "gaussian"), default="laplace",
                       help="MergOPT noise distribution (default laplace)")
-    demo.add_argument("--merges", nargs="+", choices=list(MERGES), default=None, metavar="METHOD",
-                      help=f"merge methods; choices {list(MERGES)}; default all")
+    demo.add_argument("--merges", nargs="+", choices=list(merges) or None, default=None, metavar="METHOD",
+                      help=f"merge methods; choices {list(merges)}; default all")
     demo.add_argument("--quick", action="store_true", help="every stage, in seconds: 1 seed, 1 epoch, 5x5 landscape")
     demo.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT})")
     demo.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -122,6 +139,8 @@ def main(argv=None) -> int:
     """Entry point of ``python -m mergopt_kernels`` and of the ``mergopt-kernels`` script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.missing_extra:
+        parser.error(f"the demo needs the [demo] extra (module {args.missing_extra!r} is missing): {INSTALL_DEMO}")
     return run_demo_command(args, parser)
 
 

@@ -10,6 +10,7 @@ turn that rounding into lr-sized differences wherever a gradient element is clos
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -17,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_ranks
-from mergopt_kernels import FusedMergOptAdamW
+from mergopt_kernels import FusedMergOptAdamW, noise
 from mergopt_kernels.optim import _perturbation as pt
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -102,7 +103,7 @@ def test_fsdp2_matches_one_process_on_every_cpu_backend(backend):
     run_ranks(parity_worker, backend)
 
 
-def fsdp_worker(rank, world_size, checkpoint_dir, flatten):
+def fsdp_worker(rank, world_size, checkpoint_dir, flatten, load_inside_clean_weights=True):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
@@ -114,7 +115,8 @@ def fsdp_worker(rank, world_size, checkpoint_dir, flatten):
     assert any(p.to_local().numel() == 0 for p in model.parameters()) == (rank == 1)
     ref_opt = FusedMergOptAdamW(plain.parameters(), seed=SEED, **OPT_KWARGS)
     opt = FusedMergOptAdamW(model.parameters(), seed=SEED, **OPT_KWARGS)
-    steps = 4
+    steps = 2  # the checkpoint holds noise step 3, whose scale is not 0 for SEED
+    assert noise.step_scale(SEED, steps + 1, opt.param_groups[0]["alphas"], opt.param_groups[0]["k_max"]) != 0.0
     for step in range(1, steps + 1):
         # The forward sees, element by element, the perturbation of the 1-process run.
         assert_close(full(model), full(plain), step, f"perturbed weights before step {step}")
@@ -137,10 +139,17 @@ def fsdp_worker(rank, world_size, checkpoint_dir, flatten):
     # A fresh model and optimizer (other init, other seed) load the checkpoint and continue.
     model2 = shard(make_model(123))
     opt2 = FusedMergOptAdamW(model2.parameters(), seed=12345, **OPT_KWARGS)
-    with opt2.clean_weights():  # the loaded weights are theta; load_state_dict perturbs them
+    # The loaded weights are theta. get_state_dict's model state dict aliases the parameters
+    # and dcp.load writes it unseen by version counters: either inside clean_weights(), or
+    # into copies that set_state_dict then writes over the perturbed parameters (a write the
+    # optimizer sees: it subtracts no noise from them). load_state_dict perturbs them.
+    with opt2.clean_weights() if load_inside_clean_weights else contextlib.nullcontext():
         model_sd2, optim_sd2 = get_state_dict(model2, opt2, options=options)
+        if not load_inside_clean_weights:
+            model_sd2 = {k: v.detach().clone() for k, v in model_sd2.items()}
         dcp.load({"model": model_sd2, "optim": optim_sd2}, checkpoint_id=checkpoint_dir)
         set_state_dict(model2, opt2, model_state_dict=model_sd2, optim_state_dict=optim_sd2, options=options)
+    opt2.apply_perturbation()  # weights written over perturbed ones: the next forward sees them perturbed
     assert opt2.seed == SEED and opt2.noise_step() == steps + 1
     resumed = [train_step(model2, opt2, x, y) for _ in range(more)]
     for a, b in zip(resumed, losses):
@@ -153,6 +162,38 @@ def fsdp_worker(rank, world_size, checkpoint_dir, flatten):
 def test_fsdp2_matches_one_process_and_resumes_from_dcp(tmp_path, flatten):
     """Optimizer state dicts nested (DCP's default) or flattened (torchtitan's choice)."""
     run_ranks(fsdp_worker, str(tmp_path / "checkpoint"), flatten)
+
+
+def test_fsdp2_resumes_from_dcp_loaded_over_the_perturbed_weights(tmp_path):
+    """set_state_dict without clean_weights(), from copies of get_state_dict's model state."""
+    run_ranks(fsdp_worker, str(tmp_path / "checkpoint"), False, False)
+
+
+def written_worker(rank, world_size):
+    """FSDP2 parameters written in place from outside (fp32 and bf16) hold exactly what was
+    written, and a frozen sharded parameter is never perturbed."""
+    from torch.distributed.tensor import distribute_tensor
+
+    x, y = batch()
+    for dtype in (torch.float32, torch.bfloat16):
+        model = shard(make_model(0).to(dtype))
+        frozen = model[2].weight
+        frozen.requires_grad_(False)
+        opt = FusedMergOptAdamW(model.parameters(), seed=SEED, **OPT_KWARGS)
+        source = [p.detach() for p in make_model(1).to(dtype).parameters()]
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), source):
+                p.copy_(distribute_tensor(q, p.device_mesh, p.placements))
+        with opt.clean_weights():
+            for p, q in zip(full(model), source):
+                assert torch.equal(p, q)
+        for _ in range(2):
+            train_step(model, opt, x.to(dtype), y.to(dtype))
+        assert torch.equal(frozen.detach().full_tensor(), source[2])
+
+
+def test_fsdp2_weights_written_from_outside_and_frozen_parameters():
+    run_ranks(written_worker)
 
 
 def seed_worker(rank, world_size):

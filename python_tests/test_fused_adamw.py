@@ -348,6 +348,11 @@ BAD_ARGUMENTS = [
     (dict(seed=2**64), ValueError, "seed"),
     (dict(backend="cuda-graphs"), ValueError, "backend"),
     (dict(amsgrad="yes"), TypeError, "amsgrad"),
+    (dict(amsgrad=2), TypeError, "amsgrad"),
+    (dict(foreach="no"), TypeError, "foreach"),
+    (dict(foreach=True, fused=True), ValueError, "foreach and fused"),
+    (dict(differentiable=True), ValueError, "differentiable"),
+    (dict(capturable=True, backend="torch"), ValueError, "capturable"),
 ]
 
 
@@ -372,12 +377,51 @@ def test_bad_params_raise_and_touch_nothing():
         ([good, torch.nn.Parameter(torch.randn(4, 3).t())], ValueError, "contiguous"),
         ([good, torch.nn.Parameter(torch.randn(3, device="meta"))], ValueError, "share a device"),
         ([{"params": {good}}], TypeError, "not a set"),
+        ({good}, TypeError, "not a set"),
+        (frozenset([good]), TypeError, "not a set"),
         ([{"params": [good], "lr": torch.tensor(1e-3, device="meta")}], ValueError, "lr"),
     ]
     for params, error, match in cases:
         with pytest.raises(error, match=match):
             FusedMergOptAdamW(params)
         assert torch.equal(good, before)
+
+
+def test_torch_adamw_keywords_and_values_are_accepted(fresh_seed):
+    """AdamW's own keywords, numpy numbers and 0/1 flags, as torch accepts them: the same run."""
+    import numpy as np
+
+    runs = []
+    for kwargs in (dict(lr=1e-2, amsgrad=True, k_max=7),
+                   dict(lr=np.float64(1e-2), betas=(np.float64(0.9), 0.999), amsgrad=1, k_max=np.int64(7),
+                        foreach=True, fused=None, capturable=True, differentiable=False)):
+        params = make_params(SHAPES, generator=torch.Generator().manual_seed(3))
+        opt = FusedMergOptAdamW(params, noise_scale=1e-2, seed=fresh_seed, **kwargs)
+        assert opt.param_groups[0]["amsgrad"] is True and "max_exp_avg_sq" in opt.state[params[0]]
+        for _ in range(3):
+            set_grads(params)
+            opt.step()
+        runs.append(params)
+    assert all(torch.equal(p, q) for p, q in zip(*runs))
+
+
+LATE_OPTIONS = [("lr", "0.1", TypeError), ("betas", (0.9, 1.5), ValueError), ("amsgrad", "yes", TypeError),
+                ("noise_scale", "5e-4", TypeError), ("k_max", 0, ValueError)]
+
+
+@pytest.mark.parametrize("wrapper, option, value, error",
+                         [(False, *case) for case in LATE_OPTIONS] + [(True, *case) for case in LATE_OPTIONS[3:]])
+def test_a_bad_option_set_after_construction_raises_at_step_before_anything_changes(wrapper, option, value, error):
+    """(MergOpt's base optimizer checks its own options.)"""
+    params = make_params(SHAPES)
+    opt = MergOpt(torch.optim.SGD(params, lr=0.1), seed=1) if wrapper else FusedMergOptAdamW(params, seed=1)
+    set_grads(params)
+    before = [p.detach().clone() for p in params]
+    opt.param_groups[0][option] = value
+    with pytest.raises(error, match=option):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+    assert opt.noise_step() == 1
 
 
 def test_sparse_grad_raises_before_anything_changes():

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
+import os
 from collections import defaultdict
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
+import numpy
 import torch
 
 from .. import noise, ops
@@ -23,18 +26,22 @@ try:
 except ImportError:  # pragma: no cover - torch built without distributed
     _DTensor = None
 
-# ops.fused_step's noise arguments with the noise off (nothing is drawn).
+# FusedStepArgs' noise fields with the noise off (nothing is drawn).
 NOISE_OFF = dict(noise_scale=0.0, noise_loc=0.0, alphas=(1.0,), k_max=1, distribution="laplace")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MASK64 = (1 << 64) - 1
 
 
-def _finite_number(name: str, value, minimum: Optional[float] = None) -> None:
+def _finite_number(name: str, value, minimum: Optional[float] = None, read_tensor: bool = True) -> None:
+    """Check a number option: a real number (Python or numpy) or a 1-element float tensor.
+    With ``read_tensor=False`` a tensor's value is not read (no host sync at step time)."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or not value.is_floating_point():
             raise TypeError(f"{name} must be a float or a 1-element float tensor, got shape {tuple(value.shape)}")
+        if not read_tensor:
+            return
         value = float(value.detach().cpu())
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
@@ -42,10 +49,25 @@ def _finite_number(name: str, value, minimum: Optional[float] = None) -> None:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
+def check_flag(group: dict, name: str, allow_none: bool = False) -> None:
+    """Check that ``group[name]`` is bool-like (a bool, numpy bool, or the integer 0 or 1, as
+    torch's optimizers accept; None too with ``allow_none``) and store it as a bool."""
+    value = group[name]
+    if value is None and allow_none:
+        return
+    if not isinstance(value, (bool, numpy.bool_)) and not (isinstance(value, numbers.Integral) and value in (0, 1)):
+        raise TypeError(f"{name} must be a bool{' or None' if allow_none else ''}, got {value!r}")
+    if type(value) is not bool:  # no write when already a bool: compiled steps stay one graph
+        group[name] = bool(value)
+
+
 def check_noise_options(group: dict) -> None:
     """Validate and normalise a param group's noise options in place (alphas become a tuple)."""
-    _finite_number("noise_scale", group["noise_scale"], 0.0)
-    _finite_number("noise_loc", group["noise_loc"])
+    _finite_number("noise_scale", group["noise_scale"], 0.0, read_tensor=False)
+    _finite_number("noise_loc", group["noise_loc"], read_tensor=False)
+    for name in ("noise_scale", "noise_loc"):
+        if isinstance(group[name], torch.Tensor):
+            raise TypeError(f"{name} must be a number (it selects the kernel's code path), not a tensor")
     alphas = group["alphas"]
     if isinstance(alphas, (int, float)) or not hasattr(alphas, "__iter__"):
         raise TypeError(f"alphas must be a sequence of positive numbers, got {alphas!r}")
@@ -55,8 +77,10 @@ def check_noise_options(group: dict) -> None:
     if group["alphas"] != alphas:  # no write when already normal: compiled steps stay one graph
         group["alphas"] = alphas
     k_max = group["k_max"]
-    if isinstance(k_max, bool) or not isinstance(k_max, int) or not 1 <= k_max < 2**32 - 1:
+    if isinstance(k_max, (bool, numpy.bool_)) or not isinstance(k_max, numbers.Integral) or not 1 <= k_max < 2**32 - 1:
         raise ValueError(f"k_max must be an integer in [1, 2**32 - 1), got {k_max!r}")
+    if type(k_max) is not int:
+        group["k_max"] = int(k_max)
     if group["distribution"] not in noise.DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {noise.DISTRIBUTIONS}, got {group['distribution']!r}")
 
@@ -141,12 +165,13 @@ def check_params(params: list, seen: set) -> None:
 
 
 def resolve_seed(seed: Optional[int]) -> int:
-    """A 64-bit seed: the one given, or one drawn from torch's default generator."""
+    """A 64-bit seed: the one given, or (``seed=None``) 8 bytes of ``os.urandom``, so that
+    torch's and numpy's random streams are left untouched."""
     if seed is None:
-        return int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64)) & MASK64
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MASK64:
+        return int.from_bytes(os.urandom(8), "little")
+    if isinstance(seed, (bool, numpy.bool_)) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MASK64:
         raise ValueError(f"seed must be None or an integer in [0, 2**64), got {seed!r}")
-    return seed
+    return int(seed)
 
 
 def agree_on_seed(seed: int, given: bool) -> int:
@@ -169,75 +194,252 @@ def agree_on_seed(seed: int, given: bool) -> int:
     return seeds[0][0]
 
 
+def version_of(p: torch.Tensor):
+    """``p``'s version counter, which every in-place write through ``p`` (or a view of it)
+    bumps; for a DTensor with its local shard's too (torch.distributed.checkpoint loads write
+    the shards)."""
+    if _DTensor is not None and isinstance(p, _DTensor):
+        return p._version, local_tensor(p)._version
+    return p._version
+
+
 def needs_master(p: torch.Tensor) -> bool:
+    """Whether ``p`` keeps an fp32 master copy of theta (bfloat16 and float16 parameters)."""
     return p.dtype != torch.float32
 
 
-class PerturbationMixin:
-    """Noise bookkeeping for an optimizer whose ``param_groups`` carry the noise options."""
+class PerturbationBook:
+    """Everything an optimizer knows about the perturbation its parameters hold.
 
-    def _start_perturbation(self, seed: Optional[int], backend: str,
-                            init_state: Callable[[list], None]) -> None:
+    A parameter is *noisy* when its group's ``noise_scale`` is not 0 and it requires grad;
+    the others (frozen ones included) are never perturbed. The rules the mixin keeps:
+
+    - ``active``: the optimizer keeps ``theta_t + s_t z_t`` in its noisy parameters between
+      steps (from construction on; False after ``remove_perturbation()`` until the next
+      ``step()`` or ``apply_perturbation()``).
+    - ``held``: the parameters that hold the perturbation now (keys; empty when not active).
+      Only these are ever restored: a parameter written from outside, frozen or unfrozen since
+      the last write, or added later, holds clean theta and is never restored.
+    - ``applied``: group index -> the noise options that wrote the perturbation its held
+      parameters hold; restores use them, so options changed between steps are undone cleanly.
+    - ``steps``: device -> int64 tensor [1] holding t, the noise step (``step_start`` until a
+      device has one), so that no step reads it on the host.
+    - ``written``: parameter -> its version counter (``version_of(p)``) right after the
+      optimizer last wrote it. Any other value means something else has written it since:
+      it then holds clean theta. ``versions_known`` is False after a step run under
+      torch.compile (its graph cannot branch on version counters) until the next eager write.
+    - ``loaded``: parameter -> a copy of what ``load_state_dict()`` wrote into it, kept until
+      the next check: torch.distributed.checkpoint's ``set_state_dict`` loads the optimizer,
+      then copies the model state dict into the parameters, and when that state dict aliases
+      them (``get_state_dict``'s does) the copy rewrites the same values: not a new theta.
+    - ``layout``: parameter -> the (device, dtype) its state was made for.
+    - ``launch_caches``, ``param_ids``, ``index_bases``: caches of the launches, rebuilt when
+      a parameter is added, moved or cast.
+    """
+
+    def __init__(self, seed: int, backend: str):
+        self.seed = seed
+        self.backend = backend
+        self.active = False
+        self.held: dict = {}
+        self.applied: dict[int, dict] = {}
+        self.step_start = 1
+        self.steps: dict[torch.device, torch.Tensor] = {}
+        self.written: dict = {}
+        self.versions_known = True
+        self.loaded: dict = {}
+        self.layout: dict = {}
+        self.launch_caches: dict = {}
+        self.param_ids: tuple = ((), {})
+        self.index_bases: dict = {}
+
+    def noise_step(self, device: torch.device) -> torch.Tensor:
+        """The int64 tensor [1] on ``device`` holding t (made from another device's on first use)."""
+        if device not in self.steps:
+            start = next(iter(self.steps.values())) if self.steps else \
+                torch.tensor([self.step_start], dtype=torch.int64)
+            self.steps[device] = start.to(device)
+        return self.steps[device]
+
+    def clear_caches(self) -> None:
+        """Forget the launch caches (a parameter was added, moved or cast)."""
+        self.launch_caches.clear()
+        self.param_ids = ((), {})
+        self.index_bases.clear()
+
+
+class PerturbationMixin:
+    """The perturbation's life for an optimizer whose ``param_groups`` carry the noise options.
+
+    Contract with a subclass (a ``torch.optim.Optimizer``):
+    - it calls ``_start_perturbation(seed, backend)`` at the end of ``__init__``; until then
+      ``_started`` is False (torch calls ``add_param_group`` during construction);
+    - it provides ``_init_state(params)``, which gives parameters their state (masters through
+      ``_init_masters``), and overrides ``_master_holder(p)`` when masters do not live in
+      ``self.state[p]``;
+    - its ``step()`` starts with ``_begin_step(closure)`` and ends with ``_end_step(written)``.
+    The bookkeeping itself is ``self._book`` (a ``PerturbationBook``).
+    """
+
+    # Whether floating state follows a parameter's dtype when it is cast (torch's rule for a
+    # base optimizer's state); FusedMergOptAdamW keeps its moments in fp32.
+    _state_follows_dtype = False
+
+    @property
+    def _started(self) -> bool:
+        return self.__dict__.get("_book") is not None
+
+    def _init_state(self, params: list) -> None:
+        raise NotImplementedError("a PerturbationMixin subclass provides _init_state(params)")
+
+    def _check_group(self, group: dict) -> None:
+        """Validate a group's options at step time (subclasses add their own)."""
+        check_noise_options(group)
+
+    def _start_perturbation(self, seed: Optional[int], backend: str) -> None:
         """End of construction: settle the backend and seed, give every parameter its state
-        with ``init_state(params)`` and write the first perturbation, theta_0 + s_1 z_1."""
+        and write the first perturbation, theta_0 + s_1 z_1."""
         for device in {p.device for g in self.param_groups for p in g["params"]}:
             ops.resolve_backend(backend, device)
-        self._backend = backend
-        self._seed = agree_on_seed(resolve_seed(seed), seed is not None)
-        self._noise_steps: dict[torch.device, torch.Tensor] = {}
-        self._noise_step_start = 1
-        self._launch_caches: dict = {}
-        # Group index -> the noise options that wrote the perturbation it holds: restores use
-        # them, so options changed between steps (a noise schedule) are applied cleanly.
-        self._applied_noise: dict[int, dict] = {}
+        self._book = PerturbationBook(agree_on_seed(resolve_seed(seed), seed is not None), backend)
         with torch.no_grad():
             for group in self.param_groups:
-                init_state(group["params"])
-            self._noise_pass(restore=False, apply_offset=0)
-        self._perturbed = True
-        self._ready = True
+                self._make_state(group["params"])
+            self._write_pass(apply_offset=0)
+        self._book.active = True
+        self._record_writes()
         self._stamp_param_groups()
 
+    def _all_params(self) -> list:
+        return [p for group in self.param_groups for p in group["params"]]
+
     def _begin_step(self, closure: Optional[Callable[[], torch.Tensor]]) -> Optional[torch.Tensor]:
-        """What every step does first: run the closure (at the perturbed weights), check the
-        noise options (they may change between steps) and, when the perturbation was removed,
-        let masters take weights written into the parameters since."""
+        """What every step does first: run the closure (at the perturbed weights), check every
+        group's options (they may change between steps) and follow parameters written, moved
+        or cast since the optimizer last wrote them. Raises before anything is written."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            check_noise_options(group)
-        if not self._perturbed:
-            self._sync_masters_with_params()
+            self._check_group(group)
+        self._follow_params()
         return loss
+
+    @torch.no_grad()
+    def _follow_params(self) -> None:
+        """Take what happened to the parameters since the optimizer last wrote them: a parameter
+        put into a group by hand gets its state, a moved or cast one has it moved
+        (``_relayout``), one whose version counter changed was written from outside and holds
+        clean theta (``_take_written``)."""
+        book = self._book
+        check_versions = not torch.compiler.is_compiling() and book.versions_known  # no guard when compiling
+        loaded = book.loaded
+        if check_versions:
+            book.loaded = {}
+        for p in self._all_params():
+            layout = book.layout.get(p)
+            if layout is None:  # put into a group by hand: it holds clean theta
+                self._make_state([p])
+                book.written[p] = version_of(p)
+                book.clear_caches()
+            elif layout != (p.device, p.dtype):
+                self._relayout(p)
+            elif check_versions and book.written.get(p) != version_of(p):
+                if p in loaded and torch.equal(local_tensor(p), loaded[p]):
+                    book.written[p] = version_of(p)  # rewritten with what load_state_dict wrote
+                else:
+                    self._take_written(p)
+
+    def _take_written(self, p: torch.Tensor) -> None:
+        """``p`` holds clean theta written from outside: never restore it, resync its master."""
+        self._book.held.pop(p, None)
+        master = self._master_holder(p).get("master")
+        if master is not None:
+            local_tensor(master).copy_(local_tensor(p))
+        self._book.written[p] = version_of(p)
+
+    @torch.no_grad()
+    def weights_written(self, params=None) -> None:
+        """Declare that ``params`` (default: all) hold clean theta written where the optimizer
+        cannot see it: through ``p.data`` (which has its own version counter), or between steps
+        run under torch.compile. Their values become theta_t; the next ``step()`` applies AdamW
+        to them and perturbs them, without subtracting any noise."""
+        targets = self._all_params() if params is None else param_list(params)
+        known = {id(p) for p in self._all_params()}
+        if any(id(p) not in known for p in targets):
+            raise ValueError("params: weights_written() takes parameters of this optimizer")
+        self._follow_params()
+        for p in targets:
+            self._take_written(p)
+
+    def _relayout(self, p: torch.Tensor) -> None:
+        """``p`` was moved or cast after its state was made: move (and, for a base optimizer's
+        state, cast) the state as torch's ``load_state_dict`` does, and keep theta exact."""
+        book = self._book
+        old_device, old_dtype = book.layout[p]
+        position = next(i for i, q in enumerate(self._all_params()) if q is p)
+        if p.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"params: parameter {position} was cast to {p.dtype} after the optimizer was "
+                            "built; supported dtypes are float32, bfloat16 and float16")
+        holder = self._master_holder(p)
+        master = holder.get("master")
+        if p.dtype != old_dtype and p in book.held and master is None:
+            raise ValueError(
+                f"params: parameter {position} was cast from {old_dtype} to {p.dtype} while it held the "
+                "perturbation, and an fp32 parameter keeps no exact copy of theta: call "
+                "opt.remove_perturbation() before casting the model (or build the optimizer after)")
+        state = self.state[p]
+        for name, value in list(state.items()):
+            if isinstance(value, torch.Tensor) and value is not master:
+                follow = self._state_follows_dtype and value.is_floating_point() and name != "step"
+                state[name] = value.to(device=p.device, dtype=p.dtype if follow else value.dtype)
+        if master is not None:
+            master = master.to(p.device)
+            if p.dtype != old_dtype:  # theta is exact in the master: the parameter takes it, clean
+                local_tensor(p).copy_(local_tensor(master))
+                book.held.pop(p, None)
+        if needs_master(p):
+            holder["master"] = master if master is not None else p.detach().float()
+        else:
+            holder.pop("master", None)
+        book.layout[p] = (p.device, p.dtype)
+        book.written[p] = version_of(p)
+        book.clear_caches()
+
+    def _record_writes(self) -> None:
+        """After the optimizer wrote the parameters: note their version counters (not readable
+        as numbers in a compiled step, whose writes leave detection off until the next eager one)."""
+        book = self._book
+        if torch.compiler.is_compiling():
+            book.versions_known = False
+            return
+        book.written = {p: version_of(p) for p in self._all_params()}
+        book.versions_known = True
 
     def _param_ids(self) -> dict:
         """The parameters' identities in the noise stream: positions in the optimizer's list."""
-        params = [p for group in self.param_groups for p in group["params"]]
+        params = self._all_params()
         key = tuple(map(id, params))
-        cached = getattr(self, "_param_id_cache", None)
-        if cached is None or cached[0] != key:
-            cached = (key, {p: i for i, p in enumerate(params)})
-            self._param_id_cache = cached
-        return cached[1]
+        if self._book.param_ids[0] != key:
+            self._book.param_ids = (key, {p: i for i, p in enumerate(params)})
+        return self._book.param_ids[1]
 
     def _index_base(self, p: torch.Tensor) -> int:
-        cache = self.__dict__.setdefault("_index_base_cache", {})
+        cache = self._book.index_bases
         if p not in cache:
             cache[p] = index_base(p)
         return cache[p]
 
-    def _noise_step(self, device: torch.device) -> torch.Tensor:
-        if device not in self._noise_steps:
-            start = next(iter(self._noise_steps.values())).to(device) if self._noise_steps else \
-                torch.tensor([self._noise_step_start], dtype=torch.int64)
-            self._noise_steps[device] = start.to(device)
-        return self._noise_steps[device]
-
-    def _advance_noise_step(self) -> None:
-        for step in self._noise_steps.values():
+    def _end_step(self, written: dict) -> None:
+        """What every step does last: t advances, the noisy parameters hold the perturbation
+        written with the options ``written`` (group index -> options)."""
+        book = self._book
+        for step in book.steps.values():
             step.add_(1)
+        book.active = True
+        book.applied = written
+        self._record_writes()
 
     @staticmethod
     def _group_buckets(group: dict) -> list[list]:
@@ -246,12 +448,6 @@ class PerturbationMixin:
         for p in group["params"]:
             split[(p.device, p.dtype)].append(p)
         return list(split.values())
-
-    def _buckets(self) -> Iterator[tuple[int, dict, list]]:
-        """(group index, group, params) per group, device and dtype."""
-        for index, group in enumerate(self.param_groups):
-            for params in self._group_buckets(group):
-                yield index, group, params
 
     @torch.no_grad()
     def _launch(self, index: int, params: list, grads: list, noise: Optional[dict], *,
@@ -288,38 +484,61 @@ class PerturbationMixin:
             params = params_local
         else:
             param_ids, index_bases = [ids[p] for p in params], [0] * len(params)
-        backend = ops.resolve_backend(self._backend, device)
+        backend = ops.resolve_backend(self._book.backend, device)
         # Only eager Triton launches keep their address tables here (compiled ones keep them in
         # ops.triton_step): no dict grows while compiling, so a compiled step compiles once.
-        cache = self._launch_caches.setdefault((index, device, params[0].dtype, noise_only), {}) \
+        key = (index, device, params[0].dtype, noise_only, restore, noise is None)
+        cache = self._book.launch_caches.setdefault(key, {}) \
             if backend == "triton" and not torch.compiler.is_compiling() else None
         args = ops.FusedStepArgs(
             params=params, grads=grads, masters=masters, param_ids=param_ids, index_bases=index_bases,
-            seed=self._seed, noise_step=self._noise_step(device), restore=restore,
+            seed=self._book.seed, noise_step=self._book.noise_step(device), restore=restore,
             apply_offset=apply_offset, **(noise or NOISE_OFF), **adam)
         ops.fused_step(backend, args, cache=cache)
 
     def _perturb_group(self, index: int) -> None:
-        """Give group ``index``, added after construction, the noise-state keys and (while
-        perturbed) the current perturbation."""
+        """Give group ``index``, added after construction, its state, the noise-state keys and
+        (while active) the current perturbation."""
+        book = self._book
+        self._make_state(self.param_groups[index]["params"])
+        book.clear_caches()
         self._stamp_param_groups()
-        if self._perturbed:
-            self._noise_pass(restore=False, apply_offset=0, only_group=index)
+        if book.active:
+            self._write_pass(apply_offset=0, only_group=index)
+        self._record_writes()
 
-    def _noise_pass(self, *, restore: bool, apply_offset: int, only_group: Optional[int] = None) -> None:
-        """Restore (with the options that wrote it) or write (with the current options) the
-        perturbation of every noisy parameter, without updating."""
+    def _restore_pass(self) -> None:
+        """Subtract the perturbation from every held parameter, with the options that wrote it."""
+        book = self._book
         for index, group in enumerate(self.param_groups):
-            if only_group is not None and index != only_group:
-                continue
-            noise = self._applied_noise.pop(index, None) if restore else noise_options(group)
+            noise = book.applied.pop(index, None)
             if noise is None:
                 continue
             for params in self._group_buckets(group):
-                self._launch(index, params, [None] * len(params), noise, restore=restore,
-                             apply_offset=apply_offset)
-            if not restore:
-                self._applied_noise[index] = noise
+                held = [p for p in params if p in book.held]
+                if held:
+                    self._launch(index, held, [None] * len(held), noise, restore=True, apply_offset=-1)
+                for p in held:
+                    del book.held[p]
+
+    def _write_pass(self, *, apply_offset: int, only_group: Optional[int] = None) -> None:
+        """Write the perturbation of step t + ``apply_offset`` into every noisy parameter that
+        does not hold it, with the options its group's held parameters hold (else the group's)."""
+        book = self._book
+        for index, group in enumerate(self.param_groups):
+            if only_group is not None and index != only_group:
+                continue
+            noise = book.applied.get(index) or noise_options(group)
+            if noise is None:
+                continue
+            for params in self._group_buckets(group):
+                fresh = [p for p in params if p.requires_grad and p not in book.held]
+                if fresh:
+                    self._launch(index, fresh, [None] * len(fresh), noise, restore=False,
+                                 apply_offset=apply_offset)
+                for p in fresh:
+                    book.held[p] = True
+            book.applied[index] = noise
 
     def _master_holder(self, p: torch.Tensor) -> dict:
         """The dict whose ``"master"`` entry is ``p``'s fp32 master: its optimizer state."""
@@ -329,6 +548,12 @@ class PerturbationMixin:
         for p in params:
             if needs_master(p) and "master" not in self._master_holder(p):
                 self._master_holder(p)["master"] = p.detach().float()
+
+    def _make_state(self, params: list) -> None:
+        """Give ``params`` their state (``_init_state``) and note the layout it was made for."""
+        self._init_state(params)
+        for p in params:
+            self._book.layout[p] = (p.device, p.dtype)
 
     @contextlib.contextmanager
     def clean_weights(self):
@@ -340,63 +565,52 @@ class PerturbationMixin:
                 torch.save(model.state_dict(), path)
 
         Weights written into the parameters inside (e.g. a checkpoint loaded into the model)
-        are kept: masters of low-precision parameters take the elements that changed.
+        are kept as the new theta_t (masters of low-precision parameters take them).
         """
-        was_perturbed = self._perturbed
+        was_active = self._book.active
         self.remove_perturbation()
         try:
             yield self
         finally:
-            # A load_state_dict() inside has already written the loaded step's perturbation.
-            if was_perturbed:
+            if was_active:
                 self.apply_perturbation()
-            elif not self._perturbed:
-                self._sync_masters_with_params()
-
-    @torch.no_grad()
-    def _sync_masters_with_params(self) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                master = self._master_holder(p).get("master")
-                if master is not None:
-                    changed = master.to(p.dtype) != p
-                    master.copy_(torch.where(changed, p.float(), master))
 
     @torch.no_grad()
     def apply_perturbation(self) -> None:
-        """Write the current step's perturbation into parameters that hold theta_t (idempotent).
+        """Write the current step's perturbation into the noisy parameters that do not hold it
+        (idempotent).
 
         The inverse of ``remove_perturbation()``: after it, the next forward/backward sees
-        theta_t + s_t z_t again. Weights written into the parameters while they were clean
-        (a loaded checkpoint) are taken as theta_t. ``step()`` does this by itself, so it is only
-        needed to train on from the same step, e.g. after saving clean weights between
+        theta_t + s_t z_t again. Weights written into the parameters since the optimizer last
+        wrote them (a loaded checkpoint) are taken as theta_t. ``step()`` does this by itself, so
+        it is only needed to train on from the same step, e.g. after saving clean weights between
         ``remove_perturbation()`` and the next forward (``integrations.hf.MergOptCallback``).
         """
-        if not self._perturbed:
-            self._sync_masters_with_params()
-            self._noise_pass(restore=False, apply_offset=0)
-            self._perturbed = True
+        self._follow_params()
+        self._write_pass(apply_offset=0)
+        self._book.active = True
+        self._record_writes()
 
     @torch.no_grad()
     def remove_perturbation(self) -> None:
         """Leave theta_t in the parameters from now on (idempotent); step() resumes training."""
-        if self._perturbed:
-            self._noise_pass(restore=True, apply_offset=-1)
-            self._perturbed = False
+        self._follow_params()
+        self._restore_pass()
+        self._book.active = False
+        self._record_writes()
 
     @property
     def seed(self) -> int:
         """The 64-bit seed of the noise stream."""
-        return self._seed
+        return self._book.seed
 
     def noise_step(self) -> int:
         """t: the step whose perturbation the parameters hold (reads a device tensor: syncs)."""
-        if not self._noise_steps:
-            return self._noise_step_start
-        return int(next(iter(self._noise_steps.values())).item())
+        steps = self._book.steps
+        return int(next(iter(steps.values())).item()) if steps else self._book.step_start
 
     def _mergopt_state(self) -> dict:
-        return {"seed": self._seed, "noise_step": self.noise_step()}
+        return {"seed": self._book.seed, "noise_step": self.noise_step()}
 
     def _stamp_param_groups(self) -> dict:
         """Write the noise state into every live param group as ``mergopt_seed`` and
@@ -451,9 +665,9 @@ class PerturbationMixin:
                                 for g in groups]
         return {"seed": saved["seed"], "noise_step": step}, rest
 
-    def _check_loadable_groups(self, saved_groups: list, check_group: Optional[Callable] = None) -> None:
+    def _check_loadable_groups(self, saved_groups: list) -> None:
         """Raise ``ValueError``, before anything changes, unless ``saved_groups`` match this
-        optimizer's groups (count and sizes) and hold valid options (``check_group`` too)."""
+        optimizer's groups (count and sizes) and hold valid options (``_check_group``)."""
         if not isinstance(saved_groups, list) or len(saved_groups) != len(self.param_groups) or any(
                 len(saved["params"]) != len(group["params"]) for saved, group in zip(saved_groups, self.param_groups)):
             raise ValueError("state_dict['param_groups'] does not match this optimizer's param groups "
@@ -463,15 +677,67 @@ class PerturbationMixin:
             missing = [k for k in NOISE_OPTIONS if k not in options]
             if missing:
                 raise ValueError(f"state_dict['param_groups'] entries lack the noise options {missing}")
-            check_noise_options(options)
-            if check_group is not None:
-                check_group(options)
+            self._check_group(options)
+
+    def _exact_entries(self, with_masters: bool) -> dict:
+        """For ``state_dict(perturbed=True)``: position -> {"perturbed": the values a held fp32
+        parameter holds} (and, ``with_masters``, {"master": ...} of low-precision ones)."""
+        book = self._book
+        self._follow_params()
+        entries = {}
+        for index, group in enumerate(self.param_groups):
+            if any(p in book.held for p in group["params"]) and book.applied.get(index) != noise_options(group):
+                raise ValueError(f"state_dict(perturbed=True): the noise options of param group {index} changed "
+                                 "since the perturbation was written; save after the next step()")
+        for position, p in enumerate(self._all_params()):
+            master = self._master_holder(p).get("master")
+            if master is None and p in book.held:
+                entries[position] = {"perturbed": p.detach().clone()}
+            elif master is not None and with_masters:
+                entries[position] = {"master": master.clone()}
+        return entries
+
+    @staticmethod
+    def _split_exact_entries(state: dict, params: list, key: str = "perturbed") -> tuple[dict, dict]:
+        """(parameter -> the values saved under ``key``, ``state`` without them), checked
+        against the (saved id, parameter) pairs ``params`` before anything is modified."""
+        perturbed, rest = {}, dict(state)
+        for saved_id, p in params:
+            entry = state.get(saved_id)
+            if entry is None or key not in entry:
+                continue
+            values = entry[key]
+            if not isinstance(values, torch.Tensor) or values.shape != p.shape or values.dtype != p.dtype:
+                raise ValueError(f"state_dict['state'][{saved_id!r}][{key!r}] must be a {p.dtype} tensor "
+                                 f"of shape {tuple(p.shape)}")
+            perturbed[p] = values
+            rest[saved_id] = {k: v for k, v in entry.items() if k != key}
+        return perturbed, rest
+
+    def _finish_load(self, mergopt_state: dict, perturbed: dict) -> None:
+        """After the state was loaded into clean parameters: give every parameter its state,
+        take the noise state, write the saved ``perturbed`` values back (a bit-exact resume)
+        and perturb the other noisy parameters."""
+        book = self._book
+        for group in self.param_groups:
+            check_noise_options(group)
+            self._make_state(group["params"])
+        self._load_mergopt_state(mergopt_state)
+        for index, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if p in perturbed and p.requires_grad and noise_options(group) is not None:
+                    local_tensor(p).copy_(local_tensor(perturbed[p]).to(p.device))
+                    book.held[p] = True
+        self._write_pass(apply_offset=0)
+        book.active = True
+        self._record_writes()
+        book.loaded = {p: local_tensor(p).detach().clone() for p in self._all_params()}
 
     def _load_mergopt_state(self, saved: dict) -> None:
         """Take the noise state that ``_split_mergopt_state`` returned (checked there)."""
-        self._seed = saved["seed"]
+        self._book.seed = saved["seed"]
         step = int(saved["noise_step"])
-        self._noise_step_start = step
-        for tensor in self._noise_steps.values():
+        self._book.step_start = step
+        for tensor in self._book.steps.values():
             tensor.fill_(step)
         self._stamp_param_groups()

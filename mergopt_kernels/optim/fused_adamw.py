@@ -20,6 +20,13 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
     ``amsgrad``, ``max_exp_avg_sq``; bfloat16/float16 parameters also keep ``master``, an fp32
     copy of theta that makes their restore exact (their moments are fp32 too).
 
+    The parameters are the user's: a parameter written from outside since the optimizer last
+    wrote it (its version counter changed: ``load_state_dict``, ``copy_``, DCP's
+    ``set_state_dict``) holds clean theta, from which no noise is subtracted; writes through
+    ``p.data`` or between compiled steps are declared with ``weights_written()``. Parameters
+    that do not require grad are never perturbed (read at every step). Moved or cast
+    parameters take their state along. See README "The parameters are yours".
+
     Distributed training: FSDP2-sharded parameters (DTensors placed ``Shard(0)`` or
     ``Replicate()`` on every mesh dimension) are updated shard by shard, each element with the
     noise of its index in the whole parameter, so a sharded run follows the 1-process run.
@@ -28,32 +35,49 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
 
     Args:
         params: iterable of parameters (float32, bfloat16, float16; contiguous) or param groups.
-        lr, betas, eps, weight_decay, amsgrad, maximize: as ``torch.optim.AdamW``; ``lr`` may be
-            a 1-element tensor on the parameters' device.
+        lr, betas, eps, weight_decay, amsgrad, maximize: as ``torch.optim.AdamW`` (numbers may be
+            numpy scalars, flags 0/1); ``lr`` may be a 1-element tensor on the parameters' device.
+            Options are checked when a group is added and again at every step, before anything
+            is written (a ``param_groups[0]["lr"] = "0.1"`` raises ``TypeError`` there).
+        foreach, fused: accepted for ``torch.optim.AdamW`` compatibility (None or a bool, not
+            both True); they choose between torch's implementations, and this optimizer always
+            runs its own fused multi-tensor pass, so they change nothing.
+        capturable: the step never reads lr, the step count or the noise on the host, so it
+            can be captured in a CUDA graph whatever the value; True with ``backend="torch"``
+            (which reads them on the host) raises ``ValueError``.
+        differentiable: only False: True raises ``ValueError`` (the step is an in-place kernel).
         noise_scale: ``b`` of Laplace(loc, b), or the std for ``distribution="gaussian"``;
             0 turns the noise off (per group: e.g. for norms and biases).
         noise_loc: ``mu`` of the noise.
         alphas: merge coefficients ``alpha`` is drawn from, uniformly, once per step.
         k_max: the number of merged models ``K`` is drawn uniformly from ``1..k_max``.
         distribution: ``"laplace"`` or ``"gaussian"``.
-        seed: 64-bit seed of the noise stream; None draws one from torch's default generator
-            (rank 0's under torch.distributed). A given seed must be equal on every rank, else
-            ``ValueError``.
+        seed: 64-bit seed of the noise stream. None draws one from the operating system's
+            entropy (``os.urandom``; rank 0's under torch.distributed), so torch's random streams
+            (dropout, shuffling) stay those of an AdamW run with the same ``torch.manual_seed``;
+            such a run is reproducible from its saved state (``opt.seed``, ``state_dict()``).
+            Pass a seed to make a run reproducible from the start. A given seed must be equal on
+            every rank, else ``ValueError``.
         backend: ``"auto"`` (Triton on GPUs; on the CPU the native C++ op when built, else
             torch ops), ``"triton"``, ``"native"``, ``"cuda"`` or ``"torch"`` (see ``ops``).
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False, maximize=False, *, noise_scale=5e-4, noise_loc=0.0,
-                 alphas=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6), k_max=7, distribution="laplace",
-                 seed: Optional[int] = None, backend: str = "auto"):
+                 amsgrad=False, maximize=False, foreach=None, capturable=False, differentiable=False,
+                 fused=None, *, noise_scale=5e-4, noise_loc=0.0, alphas=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6),
+                 k_max=7, distribution="laplace", seed: Optional[int] = None, backend: str = "auto"):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                        maximize=maximize, noise_scale=noise_scale, noise_loc=noise_loc,
-                        alphas=alphas, k_max=k_max, distribution=distribution)
+                        maximize=maximize, foreach=foreach, capturable=capturable,
+                        differentiable=differentiable, fused=fused, noise_scale=noise_scale,
+                        noise_loc=noise_loc, alphas=alphas, k_max=k_max, distribution=distribution)
+        if not isinstance(params, torch.Tensor):  # torch raises its own error for a tensor
+            params = pt.param_list(params)
         self._seen_params: set = set()
-        self._ready = False
         super().__init__(params, defaults)
-        self._start_perturbation(seed, backend, self._init_state)
+        if backend == "torch" and any(group["capturable"] for group in self.param_groups):
+            raise ValueError("capturable=True: the 'torch' backend reads lr and the step on the host; "
+                             "use backend='auto', 'triton' or 'native'")
+        self._start_perturbation(seed, backend)
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group (checked first); after construction its params get the current noise."""
@@ -65,15 +89,18 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
         if isinstance(lr, torch.Tensor) and group["params"] and lr.device != group["params"][0].device:
             raise ValueError(f"lr: a tensor lr must be on the parameters' device "
                              f"{group['params'][0].device}, got {lr.device}")
-        _check_adam_options(group)
+        _check_adam_options(group, read_tensor=True)
         pt.check_noise_options(group)
         pt.check_params(group["params"], set(self._seen_params))
         super().add_param_group(group)
         self._seen_params.update(id(p) for p in group["params"])
-        if self._ready:
+        if self._started:
             with torch.no_grad():
-                self._init_state(group["params"])
                 self._perturb_group(len(self.param_groups) - 1)
+
+    def _check_group(self, group: dict) -> None:
+        _check_adam_options(group, read_tensor=False)
+        pt.check_noise_options(group)
 
     def _init_state(self, params: list) -> None:
         amsgrad_params = {p for g in self.param_groups if g["amsgrad"] for p in g["params"]}
@@ -90,79 +117,110 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
-        """One MergOPT step. The closure, if given, runs first (at the perturbed weights)."""
+        """One MergOPT step. The closure, if given, runs first (at the perturbed weights).
+
+        Per (group, device, dtype) one fused pass: held parameters are restored, AdamW updates
+        those with a gradient, noisy ones get the next perturbation. Parameters that hold clean
+        theta (written from outside, unfrozen) are not restored, frozen ones not perturbed.
+        """
         loss = self._begin_step(closure)
-        buckets = list(self._buckets())
-        for _, _, params in buckets:
-            for p in params:
-                if p.grad is not None and p.grad.is_sparse:
-                    raise TypeError("FusedMergOptAdamW does not support sparse gradients")
+        book = self._book
+        for p in self._all_params():
+            if p.grad is not None and p.grad.is_sparse:
+                raise TypeError("FusedMergOptAdamW does not support sparse gradients")
         written: dict[int, dict] = {}  # group index -> the noise options this step applies
-        for index, group, params in buckets:
-            grads = [p.grad if p.grad is None or p.grad.is_contiguous() else p.grad.contiguous()
-                     for p in params]
-            applied = self._applied_noise.get(index) if self._perturbed else None
+        for index, group in enumerate(self.param_groups):
             noise = pt.noise_options(group)
+            applied = book.applied.get(index)
             if noise is not None:
                 written[index] = noise
-            if applied is not None and applied != noise:  # options changed since: restore apart
-                self._launch(index, params, [None] * len(params), applied, restore=True, apply_offset=-1)
-            if noise is None:
-                params, grads = _with_grads(params, grads)
-                if not params:
-                    continue
-            stepped = [self.state[p]["step"] for p, g in zip(params, grads) if g is not None]
-            if stepped:
-                torch._foreach_add_(stepped, 1.0)
-            with_grad = [g is not None for g in grads]
+            for params in self._group_buckets(group):
+                self._step_bucket(index, group, params, noise, applied)
+        self._end_step(written)
+        return loss
+
+    def _step_bucket(self, index: int, group: dict, params: list, noise: Optional[dict],
+                     applied: Optional[dict]) -> None:
+        """One bucket's step: at most one launch per kind of parameter, (restore, perturb):
+        (True, True) held and noisy, (False, True) clean and noisy, (False, False) not noisy."""
+        book = self._book
+        held = [p in book.held for p in params]
+        noisy = [noise is not None and p.requires_grad for p in params]
+        fused = [h and n and applied == noise for h, n in zip(held, noisy)]
+        apart = [p for p, h, f in zip(params, held, fused) if h and not f]
+        if apart:  # options changed, or no longer noisy: restore with the options that wrote it
+            self._launch(index, apart, [None] * len(apart), applied, restore=True, apply_offset=-1)
+        for p in params:
+            book.held.pop(p, None)
+        grads = [p.grad if p.grad is None or p.grad.is_contiguous() else p.grad.contiguous() for p in params]
+        stepped = [self.state[p]["step"] for p, g in zip(params, grads) if g is not None]
+        if stepped:
+            torch._foreach_add_(stepped, 1.0)
+        for restore, perturb in ((True, True), (False, True), (False, False)):
+            chosen = [i for i in range(len(params)) if fused[i] == restore and noisy[i] == perturb
+                      and (perturb or grads[i] is not None)]
+            if not chosen:
+                continue
+            sub_params, sub_grads = [params[i] for i in chosen], [grads[i] for i in chosen]
             adam = dict(
-                exp_avgs=[self.state[p]["exp_avg"] for p in params],
-                exp_avg_sqs=[self.state[p]["exp_avg_sq"] for p in params],
-                max_exp_avg_sqs=[self.state[p]["max_exp_avg_sq"] for p in params] if group["amsgrad"] else [],
-                steps=[self.state[p]["step"] for p in params], lr=group["lr"],
+                exp_avgs=[self.state[p]["exp_avg"] for p in sub_params],
+                exp_avg_sqs=[self.state[p]["exp_avg_sq"] for p in sub_params],
+                max_exp_avg_sqs=[self.state[p]["max_exp_avg_sq"] for p in sub_params] if group["amsgrad"] else [],
+                steps=[self.state[p]["step"] for p in sub_params], lr=group["lr"],
                 beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
                 weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
                 maximize=group["maximize"])
-            self._launch(index, params, grads, noise, restore=applied is not None and applied == noise,
-                         apply_offset=1, adam=adam if any(with_grad) else None)
-        self._advance_noise_step()
-        self._perturbed = True
-        self._applied_noise = written
-        return loss
+            self._launch(index, sub_params, sub_grads, noise if perturb else None, restore=restore,
+                         apply_offset=1, adam=adam if any(g is not None for g in sub_grads) else None)
+            if perturb:
+                for p in sub_params:
+                    book.held[p] = True
 
-    def state_dict(self) -> dict:
+    def state_dict(self, perturbed: bool = False) -> dict:
         """torch's optimizer state plus ``"mergopt": {"seed", "noise_step"}``.
 
         The same two numbers are also in every param group (``mergopt_seed``,
         ``mergopt_noise_step``), so ``torch.distributed.checkpoint``'s optimizer state dicts,
         which keep only "state" and "param_groups", carry them too.
+
+        Args:
+            perturbed: also keep, in the state of each fp32 parameter that holds the
+                perturbation, ``"perturbed"``: the values it holds (one more copy of those
+                parameters). Loading such a state dict writes them back, so the run continues
+                bit for bit; without them (the default, a clean export) the resumed weights
+                agree with the uninterrupted run's up to the rounding of one restore (half an ulp
+                of max(|theta|, |s z|) per element, then carried on by training). bf16/fp16
+                parameters need nothing more: their fp32 ``master`` is always saved.
         """
-        return self._with_mergopt_state(super().state_dict())
+        self._follow_params()
+        state = super().state_dict()
+        if perturbed:
+            for position, entry in self._exact_entries(with_masters=False).items():
+                state["state"][position] = {**state["state"].get(position, {}), **entry}
+        return self._with_mergopt_state(state)
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state saved by ``state_dict()``; the parameters must hold the clean weights
-        that were saved with it (or the current perturbed ones: they are restored first).
+        """Load a state saved by ``state_dict()``. The parameters hold the clean weights saved
+        with it, whether loaded before the optimizer was built or after (the optimizer sees the
+        write), or the current perturbed ones (they are restored first).
 
-        Moments and masters stay fp32 whatever the parameters' dtype.
+        Moments and masters stay fp32 whatever the parameters' dtype; they and the parameters'
+        state follow the parameters' device.
         """
         mergopt_state, state_dict = self._split_mergopt_state(state_dict, "FusedMergOptAdamW")
-        self._check_loadable_groups(state_dict["param_groups"], _check_adam_options)
+        self._check_loadable_groups(state_dict["param_groups"])
         # Converted before anything changes: a bad entry raises with the optimizer untouched.
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        new_state = {p: _fp32_state(state_dict["state"].get(saved_id, {}), p) for saved_id, p in zip(saved_ids, params)}
+        params = self._all_params()
+        perturbed, saved_state = self._split_exact_entries(state_dict["state"], list(zip(saved_ids, params)))
+        new_state = {p: _fp32_state(saved_state.get(saved_id, {}), p) for saved_id, p in zip(saved_ids, params)}
         self.remove_perturbation()
         without_state = {k: v for k, v in state_dict.items() if k != "state"}
         super().load_state_dict({**without_state, "state": {}})
         for p, entry in new_state.items():
             self.state[p] = entry
-        for group in self.param_groups:
-            pt.check_noise_options(group)
-            self._init_state(group["params"])
-        self._load_mergopt_state(mergopt_state)
-        self._noise_pass(restore=False, apply_offset=0)
-        self._perturbed = True
+        self._finish_load(mergopt_state, perturbed)
 
 
 def _fp32_state(entry: dict, p: torch.Tensor) -> dict:
@@ -176,22 +234,29 @@ def _fp32_state(entry: dict, p: torch.Tensor) -> dict:
     return converted
 
 
-def _with_grads(params: list, grads: list) -> tuple[list, list]:
-    pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
-    return [p for p, _ in pairs], [g for _, g in pairs]
-
-
-def _check_adam_options(group: dict) -> None:
-    pt._finite_number("lr", group["lr"], 0.0)
+def _check_adam_options(group: dict, read_tensor: bool) -> None:
+    """Check (and normalise in place) a group's AdamW options; ``read_tensor=False`` at step
+    time, where a tensor lr is not read (no host sync)."""
+    pt._finite_number("lr", group["lr"], 0.0, read_tensor)
     pt._finite_number("eps", group["eps"], 0.0)
     pt._finite_number("weight_decay", group["weight_decay"], 0.0)
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
     for name, beta in zip(("betas[0]", "betas[1]"), betas):
-        pt._finite_number(name, beta)
+        pt._finite_number(name, beta, read_tensor=False)
+        if isinstance(beta, torch.Tensor):
+            raise TypeError(f"{name} must be a number, not a tensor")
         if not 0.0 <= float(beta) < 1.0:
             raise ValueError(f"{name} must be in [0, 1), got {beta}")
     for flag in ("amsgrad", "maximize"):
-        if not isinstance(group[flag], bool):
-            raise TypeError(f"{flag} must be a bool, got {group[flag]!r}")
+        pt.check_flag(group, flag)
+    for flag in ("foreach", "fused"):
+        pt.check_flag(group, flag, allow_none=True)
+    if group["foreach"] and group["fused"]:
+        raise ValueError("foreach and fused cannot both be True (as in torch.optim.AdamW)")
+    pt.check_flag(group, "capturable")
+    pt.check_flag(group, "differentiable")
+    if group["differentiable"]:
+        raise ValueError("differentiable=True is not supported: the step is an in-place fused kernel, "
+                         "autograd cannot differentiate through it")

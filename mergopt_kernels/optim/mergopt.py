@@ -19,11 +19,16 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
     fp32 copy of theta for the restore, held by the wrapper (not in ``base``'s state, which
     optimizers such as Adam fill lazily) and rebuilt from the clean parameters on load.
 
+    Outside writes, frozen, moved and cast parameters: as in ``FusedMergOptAdamW``; the
+    base's state follows a moved or cast parameter as torch's ``load_state_dict`` would.
+
     Args:
         base: a constructed torch optimizer; its groups get the noise options below as defaults.
         noise_scale, noise_loc, alphas, k_max, distribution, seed, backend: as in
             ``FusedMergOptAdamW`` (sharded parameters and the seed under torch.distributed too).
     """
+
+    _state_follows_dtype = True  # the base's state follows a cast parameter, as in torch
 
     def __init__(self, base: torch.optim.Optimizer, *, noise_scale=5e-4, noise_loc=0.0,
                  alphas=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6), k_max=7, distribution="laplace",
@@ -42,18 +47,17 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
             pt.check_noise_options(options)
             pt.check_params(group["params"], seen)
             checked.append(options)
-        self._ready = False
         # The base's group dicts themselves become this optimizer's groups.
         torch.optim.Optimizer.__init__(self, base.param_groups, {**base.defaults, **noise_defaults})
         for group, options in zip(self.param_groups, checked):
             group.update(options)
         self.state = base.state
         self._masters: dict = {}  # parameter -> {"master": exact fp32 copy of theta}
-        self._start_perturbation(seed, backend, self._init_masters)
+        self._start_perturbation(seed, backend)
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group to the base optimizer too (after construction)."""
-        if not getattr(self, "_ready", False):
+        if not self._started:
             super().add_param_group(param_group)
             return
         group = dict(param_group)
@@ -63,25 +67,28 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
         pt.check_noise_options(group)
         pt.check_params(group["params"], {id(p) for g in self.param_groups for p in g["params"]})
         self.base.add_param_group(group)
-        added = self.base.param_groups[-1]
-        self.param_groups.append(added)
+        self.param_groups.append(self.base.param_groups[-1])
         with torch.no_grad():
-            self._init_masters(added["params"])
             self._perturb_group(len(self.param_groups) - 1)
+
+    def _init_state(self, params: list) -> None:
+        self._init_masters(params)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
-        """Remove z_t, run ``base.step()``, write z_{t+1}. The closure runs first, perturbed."""
+        """Remove z_t, run ``base.step()``, write z_{t+1}. The closure runs first, perturbed.
+
+        Parameters that hold clean theta (written from outside, unfrozen) are not restored,
+        frozen ones are not perturbed."""
         loss = self._begin_step(closure)
-        self.remove_perturbation()
+        self._restore_pass()
         self.base.step()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if pt.needs_master(p):
-                    self._masters[p]["master"].copy_(p)
-        self._noise_pass(restore=False, apply_offset=1)
-        self._advance_noise_step()
-        self._perturbed = True
+        for p in self._all_params():
+            master = self._masters.get(p, {}).get("master")
+            if master is not None:
+                pt.local_tensor(master).copy_(pt.local_tensor(p))
+        self._write_pass(apply_offset=1)
+        self._end_step(dict(self._book.applied))
         return loss
 
     def _master_holder(self, p: torch.Tensor) -> dict:
@@ -90,23 +97,51 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)
 
-    def state_dict(self) -> dict:
-        """The base optimizer's state plus ``"mergopt": {"seed", "noise_step"}``."""
-        return self._with_mergopt_state(self.base.state_dict())
+    def state_dict(self, perturbed: bool = False) -> dict:
+        """The base optimizer's state plus ``"mergopt": {"seed", "noise_step"}``.
+
+        Args:
+            perturbed: also keep, in the state of each parameter, what a bit-exact resume
+                needs: ``"mergopt_perturbed"`` (the values an fp32 parameter holding the
+                perturbation holds) or ``"mergopt_master"`` (a bf16/fp16 parameter's fp32
+                master). Without them (the default, a clean export) a resumed run agrees with the
+                uninterrupted one up to the rounding of one restore (see ``FusedMergOptAdamW``).
+        """
+        state = self.base.state_dict()
+        if perturbed:
+            for position, entry in self._exact_entries(with_masters=True).items():
+                state["state"][position] = {**state["state"].get(position, {}),
+                                            **{f"mergopt_{k}": v for k, v in entry.items()}}
+        return self._with_mergopt_state(state)
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state saved by ``state_dict()`` (see ``FusedMergOptAdamW.load_state_dict``)."""
         mergopt_state, state_dict = self._split_mergopt_state(state_dict, "MergOpt")
         self._check_loadable_groups(state_dict["param_groups"])
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        pairs = list(zip(saved_ids, self._all_params()))
+        masters, base_state = _split_masters(state_dict["state"], pairs)
+        perturbed, base_state = self._split_exact_entries(base_state, pairs, "mergopt_perturbed")
         self.remove_perturbation()
-        self.base.load_state_dict(state_dict)
+        self.base.load_state_dict({**state_dict, "state": base_state})
         self.param_groups = self.base.param_groups
         self.state = self.base.state
-        self._masters.clear()  # the parameters hold the clean weights now
-        for group in self.param_groups:
-            pt.check_noise_options(group)
-            self._init_masters(group["params"])
-        self._load_mergopt_state(mergopt_state)
-        self._noise_pass(restore=False, apply_offset=0)
-        self._perturbed = True
+        self._masters = {p: {"master": master} for p, master in masters.items()}
+        self._finish_load(mergopt_state, perturbed)
+
+
+def _split_masters(state: dict, pairs: list) -> tuple[dict, dict]:
+    """(parameter -> saved fp32 master on its device, ``state`` without "mergopt_master")."""
+    masters, rest = {}, dict(state)
+    for saved_id, p in pairs:
+        entry = state.get(saved_id)
+        if entry is None or "mergopt_master" not in entry:
+            continue
+        master = entry["mergopt_master"]
+        if not isinstance(master, torch.Tensor) or master.shape != p.shape or not pt.needs_master(p):
+            raise ValueError(f"state_dict['state'][{saved_id!r}]['mergopt_master'] must be a tensor of shape "
+                             f"{tuple(p.shape)} for a bfloat16/float16 parameter")
+        masters[p] = master.to(device=p.device, dtype=torch.float32, copy=True)
+        rest[saved_id] = {k: v for k, v in entry.items() if k != "mergopt_master"}
+    return masters, rest
