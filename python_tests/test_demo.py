@@ -124,7 +124,7 @@ def test_explicit_options_and_override_noise_scale(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--tasks", "upright", "sideways"], "invalid choice"),
+    (["--tasks", "upright", "sideways"], "unknown task"),
     (["--tasks", "upright"], "at least two"),
     (["--merges", "fisher"], "invalid choice"),
     (["--seeds", "0"], "positive integer"),
