@@ -16,10 +16,11 @@ from mergopt_kernels.demo.finetune import OPTIMIZERS
 from mergopt_kernels.demo.lm_experiment import LMFinetuneConfig, lm_gpu_config, run_lm_demo
 from mergopt_kernels.demo.lm_model import (GPT, GPTConfig, LMPretrainConfig, base_cache_key, count_parameters,
                                            exact_match, load_or_pretrain, next_token_accuracy)
-from mergopt_kernels.demo.lm_tasks import (LM_TASKS, PAD, Sequences, check_lm_task_names, decode, encode, in_anbn,
+from mergopt_kernels.demo.lm_tasks import (LM_TASKS, PAD, Sequences, decode, encode, in_anbn,
                                            is_balanced, make_lm_task, pretraining_mixture, python_source,
                                            question_examples, vocab_size)
 from mergopt_kernels.demo.protocol import MERGES
+from mergopt_kernels.demo.tasks import check_task_names
 
 TINY_MODEL = GPTConfig(width=16, layers=1, heads=2, context=32)
 TINY = dict(seeds=1, model=TINY_MODEL, pretrain=LMPretrainConfig(steps=4, batch_size=8), pretrain_examples=16,
@@ -101,7 +102,7 @@ def test_tasks_sequences_masks_and_python_text():
                                             (["lookup", "lookup"], "must not repeat"), (["python"], "at least two")])
 def test_bad_lm_task_names(names, message):
     with pytest.raises(ValueError, match=message):
-        check_lm_task_names(names)
+        check_task_names(names, LM_TASKS)
 
 
 class _Oracle(torch.nn.Module):

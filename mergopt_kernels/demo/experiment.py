@@ -11,7 +11,7 @@ import torch
 
 from .finetune import FinetuneConfig, finetune
 from .model import PretrainConfig, pretrain, task_accuracy, task_loss
-from .protocol import MERGES, Protocol, StateDict, noise_seed, run_protocol
+from .protocol import MERGES, Protocol, check_settings, StateDict, noise_seed, run_protocol
 from .tasks import DEFAULT_TASKS, VIEWS, check_task_names, load_digit_splits, make_tasks
 
 
@@ -46,17 +46,7 @@ class DemoConfig:
     def check(self) -> None:
         """Raise ``ValueError`` for settings the experiment cannot run with."""
         check_task_names(self.tasks)
-        unknown = [m for m in self.merges if m not in MERGES]
-        if unknown or not self.merges:
-            raise ValueError(f"merges must be a non-empty subset of {list(MERGES)}, got {list(self.merges)}")
-        if self.seeds < 1:
-            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
-        if self.noise_scale is not None and not self.noise_scale >= 0:
-            raise ValueError(f"noise_scale must be >= 0, got {self.noise_scale}")
-        if self.landscape_points < 2:
-            raise ValueError(f"landscape_points must be >= 2, got {self.landscape_points}")
-        if self.finetune.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.finetune.epochs}")
+        check_settings(self.seeds, self.merges, self.noise_scale, self.landscape_points, self.finetune.epochs)
 
 
 def quick_config(**overrides) -> DemoConfig:

@@ -13,8 +13,9 @@ import torch
 from .finetune import make_optimizer, train_expert
 from .lm_model import (GPTConfig, LMPretrainConfig, count_parameters, lm_loss, load_or_pretrain, task_metric,
                        task_test_loss, warmup_linear)
-from .lm_tasks import LM_TASKS, Sequences, check_lm_task_names, make_lm_task, pretraining_mixture, vocab_size
-from .protocol import MERGES, Protocol, StateDict, noise_seed, run_protocol
+from .lm_tasks import LM_TASKS, Sequences, make_lm_task, pretraining_mixture, vocab_size
+from .protocol import MERGES, Protocol, StateDict, check_settings, noise_seed, run_protocol
+from .tasks import check_task_names
 
 PAPER_SWEEP = (5e-4, 1e-3, 5e-2)  # the noise scales of the paper's Table 11
 FITTED_MULTIPLES = (0.5, 2.0)
@@ -26,7 +27,7 @@ class LMFinetuneConfig:
     weight decay 1e-3, small batch, a few epochs) with the lr scaled up for a model of ~10^5
     rather than 10^9 parameters, and a linear warm-up (first tenth) then linear decay to 0."""
 
-    train_examples: int = 960
+    train_examples: int = 480
     epochs: int = 3
     batch_size: int = 16
     lr: float = 1e-3
@@ -71,19 +72,12 @@ class LMDemoConfig:
 
     def check(self) -> None:
         """Raise ``ValueError`` for settings the experiment cannot run with."""
-        check_lm_task_names(self.tasks)
-        unknown = [m for m in self.merges if m not in MERGES]
-        if unknown or not self.merges:
-            raise ValueError(f"merges must be a non-empty subset of {list(MERGES)}, got {list(self.merges)}")
-        for name in ("seeds", "pretrain_examples", "test_examples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.finetune.epochs < 1 or self.finetune.train_examples < 1:
-            raise ValueError(f"finetune epochs and train_examples must be >= 1, got {self.finetune}")
-        if self.noise_scale is not None and not self.noise_scale >= 0:
-            raise ValueError(f"noise_scale must be >= 0, got {self.noise_scale}")
-        if self.landscape_points < 2:
-            raise ValueError(f"landscape_points must be >= 2, got {self.landscape_points}")
+        check_task_names(self.tasks, LM_TASKS)
+        check_settings(self.seeds, self.merges, self.noise_scale, self.landscape_points, self.finetune.epochs)
+        for name, value in (("pretrain_examples", self.pretrain_examples), ("test_examples", self.test_examples),
+                            ("finetune.train_examples", self.finetune.train_examples)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 def lm_quick_config(**overrides) -> LMDemoConfig:

@@ -19,8 +19,9 @@ BASE_CACHE_FORMAT = 1  # bump when the cached file's layout or the training code
 
 @dataclass(frozen=True)
 class GPTConfig:
-    """Shape of the model: ``layers`` pre-LayerNorm blocks of causal self-attention and a GELU MLP
-    (4x ``width``), learned positions up to ``context`` tokens, output head tied to the embedding."""
+    """Shape of the model: ``layers`` pre-LayerNorm blocks of causal self-attention (q, k, v without
+    bias) and a GELU MLP (4x ``width``), learned positions up to ``context`` tokens, output head tied
+    to the embedding."""
 
     width: int = 128
     layers: int = 4
@@ -33,7 +34,10 @@ class _Block(nn.Module):
         super().__init__()
         self.heads = config.heads
         self.norm1 = nn.LayerNorm(config.width)
-        self.qkv = nn.Linear(config.width, 3 * config.width)
+        # No bias on q, k, v: the key bias gets no gradient (softmax ignores a shift shared by all
+        # keys), so Adam would turn rounding noise in it into lr-sized steps and AdamW and the
+        # noise-off control would part ways by far more than rounding.
+        self.qkv = nn.Linear(config.width, 3 * config.width, bias=False)
         self.proj = nn.Linear(config.width, config.width)
         self.norm2 = nn.LayerNorm(config.width)
         self.mlp = nn.Sequential(nn.Linear(config.width, 4 * config.width), nn.GELU(),
@@ -74,7 +78,7 @@ class GPT(nn.Module):
 def count_parameters(config: GPTConfig, vocab: int) -> int:
     """Number of parameters of ``GPT(config, vocab)``, without building it."""
     w = config.width
-    block = 2 * 2 * w + (3 * w * w + 3 * w) + (w * w + w) + (4 * w * w + 4 * w) + (4 * w * w + w)
+    block = 2 * 2 * w + 3 * w * w + (w * w + w) + (4 * w * w + 4 * w) + (4 * w * w + w)
     return vocab * w + config.context * w + config.layers * block + 2 * w
 
 
@@ -92,7 +96,7 @@ class LMPretrainConfig:
     linear decay to 0) on batches of ``batch_size`` sequences drawn from the pooled pre-training
     sequences of every task, with seed ``seed``."""
 
-    steps: int = 2000
+    steps: int = 800
     batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.01

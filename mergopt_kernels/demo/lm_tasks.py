@@ -203,23 +203,6 @@ QUESTION_TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
 LM_TASKS = (*QUESTION_TASKS, "python")
 
 
-def check_lm_task_names(names) -> list[str]:
-    """``names`` as a list after checking them: known tasks, no repeats, at least two.
-
-    Raises:
-        ValueError: an unknown or repeated name, or fewer than two tasks (nothing to merge).
-    """
-    names = list(names)
-    unknown = [name for name in names if name not in LM_TASKS]
-    if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; choose from {list(LM_TASKS)}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"tasks must not repeat, got {names}")
-    if len(names) < 2:
-        raise ValueError(f"need at least two tasks to merge, got {names}")
-    return names
-
-
 def question_examples(name: str, count: int, seed: int) -> list[tuple[str, str]]:
     """``count`` (prompt, answer) pairs of the question task ``name`` from ``random.Random`` seeded
     with the task's name and ``seed``. Every prompt of a task has the same length."""

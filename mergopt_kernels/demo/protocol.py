@@ -47,6 +47,19 @@ class Protocol:
     joint_loss: Callable[[StateDict], float]
 
 
+def check_settings(seeds: int, merges: Sequence[str], noise_scale: float | None, landscape_points: int,
+                   epochs: int) -> None:
+    """Raise ``ValueError`` for protocol settings ``run_protocol`` cannot run with."""
+    unknown = [m for m in merges if m not in MERGES]
+    if unknown or not merges:
+        raise ValueError(f"merges must be a non-empty subset of {list(MERGES)}, got {list(merges)}")
+    for name, value, least in (("seeds", seeds, 1), ("landscape_points", landscape_points, 2), ("epochs", epochs, 1)):
+        if value < least:
+            raise ValueError(f"{name} must be >= {least}, got {value}")
+    if noise_scale is not None and not noise_scale >= 0:
+        raise ValueError(f"noise_scale must be >= 0, got {noise_scale}")
+
+
 def noise_seed(seed: int, task_index: int) -> int:
     """The MergOPT seed of the expert of task ``task_index`` at fine-tuning seed ``seed``."""
     return (seed << 16) + task_index
