@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"tasks, at least two; digits: {list(VIEWS)} (default all: {' '.join(DEFAULT_TASKS)}); "
                            f"lm: {list(LM_TASKS)} (default all)")
     demo.add_argument("--seeds", type=_positive_int, default=None,
-                      help="number of seeds (default: digits 10, lm 3; --quick 1)")
+                      help="number of seeds (default: digits 10, lm 5; --quick 1)")
     demo.add_argument("--epochs", type=_positive_int, default=None,
                       help="fine-tuning epochs per expert (default 3, --quick 1)")
     demo.add_argument("--large", action="store_true",

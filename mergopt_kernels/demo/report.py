@@ -23,18 +23,20 @@ def _mean_std(table: np.ndarray) -> tuple[list[float], list[float]]:
 def summarise(accuracy: dict[str, list[list[float]]]) -> list[dict]:
     """Per row of ``run_demo``'s ``accuracy``: mean and std over seeds of each task's accuracy and
     of their average (in %), and for non-AdamW rows the relative gain of the row's average over
-    the AdamW row of the same method, ``100 (avg - avg_adamw) / avg_adamw``, seed by seed."""
+    the AdamW row of the same method, ``100 (avg - avg_adamw) / avg_adamw``, seed by seed, and the
+    number of seeds on which it is positive (``gain_positive``)."""
     averages = {row: 100 * np.asarray(per_seed).mean(1) for row, per_seed in accuracy.items()}
     summary = []
     for row, per_seed in accuracy.items():
         acc = 100 * np.asarray(per_seed, dtype=np.float64)
         mean, std = _mean_std(np.concatenate([acc, acc.mean(1, keepdims=True)], 1))
-        entry = {"row": row, "mean": mean, "std": std, "gain_mean": None, "gain_std": None}
+        entry = {"row": row, "mean": mean, "std": std, "gain_mean": None, "gain_std": None, "gain_positive": None}
         method, _, kind = row.partition("/")
         if kind and kind != BASELINE:
             baseline = averages[f"{method}/{BASELINE}"]
             gain = 100 * (averages[row] - baseline) / baseline
             (entry["gain_mean"],), (entry["gain_std"],) = _mean_std(gain[:, None])
+            entry["gain_positive"] = int((gain > 0).sum())
         summary.append(entry)
     return summary
 
@@ -53,7 +55,8 @@ def format_table(summary: list[dict], tasks: list[str], seeds: int, metric: str 
     for entry in summary:
         method, _, kind = entry["row"].partition("/")
         cells = [f"{m:.2f} ± {s:.2f}" for m, s in zip(entry["mean"], entry["std"])]
-        gain = "" if entry["gain_mean"] is None else f"{entry['gain_mean']:+.2f}% ± {entry['gain_std']:.2f}"
+        gain = "" if entry["gain_mean"] is None else (f"{entry['gain_mean']:+.2f}% ± {entry['gain_std']:.2f} "
+                                                      f"(> 0 on {entry['gain_positive']}/{seeds})")
         lines.append([method, LABELS.get(kind, ""), *cells, gain])
     header_line, *rows = _aligned([header, *lines])
     rule = "-" * len(header_line)
