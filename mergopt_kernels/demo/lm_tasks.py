@@ -17,7 +17,7 @@ fixed-length chunks of text, scored by next-character accuracy on held-out modul
 Every prompt of a task has the same length (``grammar`` right-aligns its string), so that a batch
 of prompts generates in lockstep. Examples are drawn from ``random.Random`` and depend only on the
 task, the split (pre-training, train, test: each its own seed) and the count. Test examples are
-i.i.d. draws, not filtered against train: ``grammar`` has only 50 distinct prompts and
+i.i.d. draws, not filtered against train: ``grammar`` has only 30 distinct prompts and
 ``brackets`` a few thousand, so there the test measures the rule on strings mostly seen in
 training; the other tasks have 10^4 to 10^10 prompts.
 """
