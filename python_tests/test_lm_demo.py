@@ -145,15 +145,20 @@ def test_count_parameters_matches_the_model_and_gpu_config_is_large():
 def test_base_cache_reused_only_when_key_matches(tmp_path):
     data = pretraining_mixture(LM_TASKS, 4)
     pretrain = LMPretrainConfig(steps=3, batch_size=4)
-    key = base_cache_key(TINY_MODEL, pretrain, data)
+    key = base_cache_key(TINY_MODEL, pretrain, data, "cpu")
+    assert key == base_cache_key(TINY_MODEL, pretrain, pretraining_mixture(LM_TASKS, 4), torch.device("cpu"))
     # Everything that shapes the base changes the key.
-    assert key != base_cache_key(dataclasses.replace(TINY_MODEL, width=32), pretrain, data)
-    assert key != base_cache_key(TINY_MODEL, dataclasses.replace(pretrain, lr=1e-4), data)
-    assert key != base_cache_key(TINY_MODEL, dataclasses.replace(pretrain, seed=1), data)
+    assert key != base_cache_key(dataclasses.replace(TINY_MODEL, width=32), pretrain, data, "cpu")
+    assert key != base_cache_key(TINY_MODEL, dataclasses.replace(pretrain, lr=1e-4), data, "cpu")
+    assert key != base_cache_key(TINY_MODEL, dataclasses.replace(pretrain, seed=1), data, "cpu")
+    assert key != base_cache_key(TINY_MODEL, pretrain, data, "cuda")
     other = Sequences(data.tokens.clone(), data.mask.clone())
     other.tokens[0, 0] = 1 + other.tokens[0, 0] % 50
-    assert key != base_cache_key(TINY_MODEL, pretrain, other)
-    assert key != base_cache_key(TINY_MODEL, pretrain, pretraining_mixture(LM_TASKS, 5))
+    assert key != base_cache_key(TINY_MODEL, pretrain, other, "cpu")
+    other = Sequences(data.tokens.clone(), data.mask.clone())
+    other.mask[0, -1] = ~other.mask[0, -1]
+    assert key != base_cache_key(TINY_MODEL, pretrain, other, "cpu")
+    assert key != base_cache_key(TINY_MODEL, pretrain, pretraining_mixture(LM_TASKS, 5), "cpu")
 
     _, first, info = load_or_pretrain(data, TINY_MODEL, pretrain, "cpu", tmp_path)
     assert not info["hit"] and info["key"] == key and (tmp_path / f"lm_base_{key}.pt").is_file()

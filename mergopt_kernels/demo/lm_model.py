@@ -135,13 +135,14 @@ def pretrain_lm(data: Sequences, vocab: int, model_config: GPTConfig, config: LM
     return model
 
 
-def base_cache_key(model_config: GPTConfig, pretrain_config: LMPretrainConfig, data: Sequences) -> str:
+def base_cache_key(model_config: GPTConfig, pretrain_config: LMPretrainConfig, data: Sequences, device) -> str:
     """Hex digest naming a pre-trained base: the model's shape, the pre-training settings, the
-    exact pre-training tokens and mask, the cache format and torch's version."""
+    exact pre-training tokens and mask, the device type it trains on (CPU and GPU kernels round
+    differently), the cache format and torch's version."""
     digest = hashlib.sha256()
     digest.update(json.dumps({"format": BASE_CACHE_FORMAT, "model": asdict(model_config),
-                              "pretrain": asdict(pretrain_config), "torch": torch.__version__},
-                             sort_keys=True).encode())
+                              "pretrain": asdict(pretrain_config), "torch": torch.__version__,
+                              "device": torch.device(device).type}, sort_keys=True).encode())
     digest.update(data.tokens.cpu().numpy().tobytes())
     digest.update(data.mask.cpu().numpy().tobytes())
     return digest.hexdigest()[:24]
@@ -157,7 +158,7 @@ def load_or_pretrain(data: Sequences, model_config: GPTConfig, config: LMPretrai
         ``{"key", "path", "hit"}`` describing the cache.
     """
     vocab = vocab_size()
-    key = base_cache_key(model_config, config, data)
+    key = base_cache_key(model_config, config, data, device)
     path = None if cache_dir is None else Path(cache_dir) / f"lm_base_{key}.pt"
     if path is not None and path.is_file():
         model = GPT(model_config, vocab).to(device)
