@@ -272,7 +272,8 @@ def _cell_edges(centres: np.ndarray) -> np.ndarray:
 
 
 def plot_merge_landscape(grid, coefficients, path="merge_landscape.png", coefficients2=None,
-                         title: str | None = None, log_color: bool = False) -> Path:
+                         title: str | None = None, log_color: bool = False,
+                         color_range: tuple[float, float] | None = None) -> Path:
     """Heatmap of a ``merge_loss_landscape`` grid, darker = lower loss, minimum marked (paper Fig. 2).
 
     Args:
@@ -282,10 +283,13 @@ def plot_merge_landscape(grid, coefficients, path="merge_landscape.png", coeffic
         path: output file (parent folders are created).
         title: figure title.
         log_color: logarithmic colour scale (for losses spanning decades; needs positive losses).
+        color_range: (lowest, highest) loss of the colour scale, e.g. shared by the landscapes
+            of two optimizers so that one colour means one loss in both; default the grid's own
+            finite range.
     Returns:
         The path written.
     """
-    from matplotlib.colors import LogNorm
+    from matplotlib.colors import LogNorm, Normalize
 
     first = _coefficients("coefficients", coefficients)
     second = first if coefficients2 is None else _coefficients("coefficients2", coefficients2)
@@ -297,13 +301,18 @@ def plot_merge_landscape(grid, coefficients, path="merge_landscape.png", coeffic
     if values.count() == 0:
         raise ValueError("grid has no finite value to plot")
 
+    lowest, highest = (float(values.min()), float(values.max())) if color_range is None else color_range
+    if not (np.isfinite(lowest) and np.isfinite(highest) and lowest <= highest):
+        raise ValueError(f"color_range must be two finite numbers (lowest, highest), got {color_range}")
+
     fig = _new_figure(5.6, 4.6)
     ax = fig.add_subplot()
-    norm = LogNorm() if log_color else None
+    norm = LogNorm(lowest, highest) if log_color else Normalize(lowest, highest)
     mesh = ax.pcolormesh(_cell_edges(first), _cell_edges(second), values, cmap="viridis", norm=norm,
                          shading="flat")
-    if first.size > 1 and second.size > 1 and values.count() > 3:
-        ax.contour(first, second, values, levels=8, colors="white", linewidths=0.6, alpha=0.7)
+    if first.size > 1 and second.size > 1 and values.count() > 3 and highest > lowest:
+        levels = (np.geomspace if log_color else np.linspace)(lowest, highest, 10)[1:-1]
+        ax.contour(first, second, values, levels=levels, colors="white", linewidths=0.6, alpha=0.7)
     j, i = np.unravel_index(np.ma.argmin(values), values.shape)
     ax.plot(first[i], second[j], marker="*", color="red", markersize=12,
             label=f"min {values[j, i]:.4g} at ({first[i]:.3g}, {second[j]:.3g})")

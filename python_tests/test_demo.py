@@ -110,6 +110,7 @@ def test_summary_gain_is_relative_to_adamw_of_the_same_method():
     summary = {entry["row"]: entry for entry in summarise(accuracy)}
     assert summary["ties/adamw"]["mean"] == pytest.approx([55.0, 65.0, 60.0])
     assert summary["ties/mergopt"]["gain_mean"] == pytest.approx((0.0 + 100 * 0.1 / 0.6) / 2)
+    assert summary["ties/mergopt"]["gain_positive"] == 1 and summary["ties/adamw"]["gain_positive"] is None
     assert summary["pre-trained"]["std"] == [0.0, 0.0, 0.0]
 
 
@@ -124,7 +125,7 @@ def test_explicit_options_and_override_noise_scale(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--tasks", "upright", "sideways"], "invalid choice"),
+    (["--tasks", "upright", "sideways"], "unknown task"),
     (["--tasks", "upright"], "at least two"),
     (["--merges", "fisher"], "invalid choice"),
     (["--seeds", "0"], "positive integer"),

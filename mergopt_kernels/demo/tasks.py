@@ -75,16 +75,17 @@ def load_digit_splits() -> tuple[Split, Split]:
             Split(torch.from_numpy(x_te), torch.from_numpy(y_te)))
 
 
-def check_task_names(names) -> list[str]:
-    """``names`` as a list after checking them: known views, no repeats, at least two.
+def check_task_names(names, choices=DEFAULT_TASKS) -> list[str]:
+    """``names`` as a list after checking them: among ``choices`` (default the digit views), no
+    repeats, at least two.
 
     Raises:
         ValueError: an unknown or repeated name, or fewer than two tasks (nothing to merge).
     """
     names = list(names)
-    unknown = [name for name in names if name not in VIEWS]
+    unknown = [name for name in names if name not in choices]
     if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; choose from {list(VIEWS)}")
+        raise ValueError(f"unknown task(s) {unknown}; choose from {list(choices)}")
     if len(set(names)) != len(names):
         raise ValueError(f"tasks must not repeat, got {names}")
     if len(names) < 2:
