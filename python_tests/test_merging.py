@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 
+import numpy as np
+import numpy_philox
 import pytest
 import torch
 
@@ -27,7 +30,8 @@ def random_model(seed: int | None = None, dtype=torch.float32, shapes=((7, 5), (
     return model
 
 
-def random_experts(base, count: int, scale: float = 0.1):
+def random_experts(base, count: int, scale: float = 0.1, differ_non_float: bool = False):
+    """Experts near ``base``; their non-float entries equal the base's unless ``differ_non_float``."""
     experts = []
     for _ in range(count):
         expert = {}
@@ -35,6 +39,8 @@ def random_experts(base, count: int, scale: float = 0.1):
             if value.is_floating_point():
                 noise = scale * torch.randn(value.shape)
                 expert[key] = (value.float() + noise).to(value.dtype)
+            elif not differ_non_float:
+                expert[key] = value.clone()
             elif value.dtype == torch.bool:
                 expert[key] = ~value
             else:
@@ -92,10 +98,11 @@ def ties_reference(base, experts, scaling, density, per_tensor=False, taus=None)
 # ---------------------------------------------------------------------------------------------
 
 def test_weight_average_hand_case():
-    experts = [{"w": t(1.0, 2.0), "n": torch.tensor(3)}, {"w": t(3.0, -2.0), "n": torch.tensor(5)}]
+    experts = [{"w": t(1.0, 2.0), "n": torch.tensor(3)}, {"w": t(3.0, -2.0), "n": torch.tensor(3)}]
     out = weight_average(experts)
     assert torch.equal(out["w"], t(2.0, 0.0))
     assert torch.equal(out["n"], torch.tensor(3))
+    assert torch.equal(weight_average(experts, weights=[3.0, 1.0])["w"], t(1.5, 1.0))
 
 
 def test_task_arithmetic_hand_case():
@@ -140,18 +147,37 @@ def test_ties_hand_case_global_versus_per_tensor():
     assert torch.equal(local["a"], t(10.0, 0.0)) and torch.equal(local["b"], t(0.0, 2.0))
 
 
+def dare_keep_reference(seed, key, expert, shape, p):
+    """The documented DARE mask, replayed with the numpy Philox: bool tensor of ``shape``."""
+    h = int.from_bytes(hashlib.sha256(f"{expert}:{key}".encode()).digest()[:8], "little")
+    n = math.prod(shape)
+    words = numpy_philox.element_words(seed, h >> 32, h & 0xFFFFFFFF, np.arange(n, dtype=np.uint64))
+    return torch.from_numpy((words >> 8) >= math.ceil(p * 2**24)).reshape(shape)
+
+
 def test_dare_masks_follow_documented_stream():
-    """Masks are torch.rand from Generator(seed), one [K, *shape] draw per key in the base's order."""
+    """Masks are the documented Philox words of (seed, expert, name, element), replayed in numpy."""
     base = random_model(dtype=torch.float32)
     experts = random_experts(base, 3)
-    p, seed, scaling = 0.3, 1234, 0.7
+    p, seed, scaling = 0.3, (1 << 64) - 1234, 0.7
     out = dare(base, experts, scaling, p, seed)
-    gen = torch.Generator().manual_seed(seed)
     for key in float_keys(base):
         tau = torch.stack([e[key] - base[key] for e in experts])
-        keep = torch.rand(tau.shape, generator=gen) >= p
+        keep = torch.stack([dare_keep_reference(seed, key, i, base[key].shape, p) for i in range(3)])
         expected = base[key] + (scaling * torch.where(keep, tau / (1 - p), 0.0)).sum(0)
         assert torch.equal(out[key], expected)          # the same fp32 operations in the same order
+
+
+def test_dare_masks_do_not_depend_on_key_order_or_other_keys():
+    base = random_model()
+    experts = random_experts(base, 2)
+    out = dare(base, experts, 1.0, 0.5, 7)
+    reverse = lambda sd: dict(reversed(list(sd.items())))  # noqa: E731
+    out_reversed = dare(reverse(base), [reverse(e) for e in experts], 1.0, 0.5, 7)
+    only_w2 = dare({"w2": base["w2"]}, [{"w2": e["w2"]} for e in experts], 1.0, 0.5, 7)
+    assert all(torch.equal(out[key], out_reversed[key]) for key in base)
+    assert torch.equal(out["w2"], only_w2["w2"])
+    assert list(out_reversed) == list(reverse(base))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,8 +248,11 @@ def test_kth_largest_magnitude_matches_sort_on_a_larger_model():
     for k in (1, 2, 5, 1234, flat.shape[1]):
         expected = flat.abs().sort(dim=1, descending=True).values[:, k - 1]
         for dtype in (torch.float32, torch.float64):
-            got = merging._kth_largest_magnitude(lambda: iter(tensors), k, 3, dtype)
+            got, ties = merging._kth_largest_magnitude(lambda: iter(tensors), k, 3, dtype)
             assert torch.equal(got, expected.to(dtype))
+            # ties: how many entries equal to the threshold are among the k largest
+            expected_ties = k - (flat.abs().to(dtype) > expected.to(dtype)[:, None]).sum(1)
+            assert torch.equal(ties, expected_ties)
 
 
 def test_dare_drop_rate_zero_equals_task_arithmetic():
@@ -267,15 +296,14 @@ def test_dare_ties_is_ties_of_rescaled_vectors():
     base = random_model(shapes=((9, 11), (23,)))
     experts = random_experts(base, 3)
     p, seed = 0.4, 77
-    gen = torch.Generator().manual_seed(seed)
     taus = []
     for key in float_keys(base):
         tau = torch.stack([e[key] - base[key] for e in experts])
-        keep = torch.rand(tau.shape, generator=gen) >= p
+        keep = torch.stack([dare_keep_reference(seed, key, i, base[key].shape, p) for i in range(3)])
         taus.append(torch.where(keep, tau / (1 - p), 0.0).reshape(3, -1))
     ref = ties_reference(base, experts, 0.3, 0.25, taus=taus)
     out = dare(base, experts, 0.3, p, seed, ties=True, density=0.25)
-    for key in base:
+    for key in float_keys(base):
         assert_close(out[key], ref[key], atol=8 * EPS32 * 4)
 
 
@@ -297,15 +325,28 @@ def test_low_precision_dtype_preserved_and_computed_in_fp32(dtype):
             assert torch.equal(out[key], ref32[key].to(dtype))
 
 
-def test_non_float_entries_come_from_the_base_and_are_copies():
+def test_non_float_entries_that_differ_are_an_error_naming_the_key():
     base = random_model()
-    experts = random_experts(base, 2)
-    for out in (task_arithmetic(base, experts), ties_merging(base, experts), dare(base, experts),
-                dare(base, experts, ties=True)):
+    experts = random_experts(base, 2, differ_non_float=True)
+    experts[1]["steps"] = experts[1]["steps"] + 1   # differs from experts[0] too (for the weight average)
+    for call in (lambda **kw: task_arithmetic(base, experts, **kw), lambda **kw: ties_merging(base, experts, **kw),
+                 lambda **kw: dare(base, experts, **kw), lambda **kw: weight_average(experts, **kw)):
+        with pytest.raises(ValueError, match=r"non-float entry 'steps' differs between (base|experts\[0\]) and "
+                                             r"experts\[\d\]"):
+            call()
+        out = call(non_float="base")
+        assert list(out) == list(base)
+
+
+def test_non_float_entries_taken_from_the_base_are_copies():
+    base = random_model()
+    experts = random_experts(base, 2, differ_non_float=True)
+    for out in (task_arithmetic(base, experts, non_float="base"), ties_merging(base, experts, non_float="base"),
+                dare(base, experts, non_float="base"), dare(base, experts, ties=True, non_float="base")):
         assert torch.equal(out["steps"], base["steps"]) and torch.equal(out["mask"], base["mask"])
         assert out["steps"].data_ptr() != base["steps"].data_ptr()
         assert list(out) == list(base)
-    averaged = weight_average(experts)
+    averaged = weight_average(experts, non_float="base")
     assert torch.equal(averaged["steps"], experts[0]["steps"]) and torch.equal(averaged["mask"], experts[0]["mask"])
 
 
