@@ -1,5 +1,5 @@
-"""Command line of mergopt_kernels: ``python -m mergopt_kernels demo [options]``
-(installed as ``mergopt-kernels``)."""
+"""Command line of mergopt_kernels: ``python -m mergopt_kernels demo [options]`` and
+``python -m mergopt_kernels merge [options]`` (installed as ``mergopt-kernels``)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _non_negative_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (subcommand ``demo``)."""
+    """The argument parser (subcommands ``demo`` and ``merge``)."""
     from .demo.experiment import MERGES
     from .demo.tasks import DEFAULT_TASKS, VIEWS
 
@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="torch device (default: cuda when available, else cpu)")
     demo.add_argument("--threads", type=_positive_int, default=2, help="CPU threads for torch (default 2)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    from .merge_cli import add_merge_parser
+    add_merge_parser(commands)
     return parser
 
 
@@ -122,6 +124,9 @@ def main(argv=None) -> int:
     """Entry point of ``python -m mergopt_kernels`` and of the ``mergopt-kernels`` script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "merge":
+        from .merge_cli import run_merge_command
+        return run_merge_command(args, parser)
     return run_demo_command(args, parser)
 
 
