@@ -61,13 +61,18 @@ def assert_close(actual, expected, atol, rtol=0.0):
 # Brute-force TIES on the concatenated model (the reference our streaming version must equal)
 # ---------------------------------------------------------------------------------------------
 
-def ties_reference(base, experts, scaling, density, per_tensor=False, taus=None):
+def ties_reference(base, experts, scaling, density, per_tensor=False, taus=None, weights=None,
+                   merge_func="mean", exact_count=False):
+    """TIES on the flattened model with sorts. ``density`` one value or one per expert; with
+    ``exact_count`` the k largest by a stable sort (ties: lowest index first)."""
     keys = float_keys(base)
     sizes = [base[key].numel() for key in keys]
     if taus is None:
         taus = [torch.stack([(e[key].double() - base[key].double()).float().reshape(-1) for e in experts])
                 for key in keys]
     flat = torch.cat(taus, dim=1)                                           # [K, N], whole model
+    rows = flat.shape[0]
+    densities = list(density) if isinstance(density, (list, tuple)) else [density] * rows
     segments = [(0, flat.shape[1])] if not per_tensor else []
     start = 0
     for size in sizes:
@@ -76,15 +81,26 @@ def ties_reference(base, experts, scaling, density, per_tensor=False, taus=None)
         start += size
     trimmed = torch.zeros_like(flat)
     for lo, hi in segments:
-        part = flat[:, lo:hi]
-        k = min(hi - lo, max(1, math.floor(density * (hi - lo) + 0.5)))
-        kth = part.abs().sort(dim=1, descending=True).values[:, k - 1:k]
-        trimmed[:, lo:hi] = torch.where(part.abs() >= kth, part, 0.0)
-    sign = torch.sign(trimmed.sum(0))
+        for r in range(rows):
+            part = flat[r, lo:hi]
+            k = min(hi - lo, max(1, math.floor(densities[r] * (hi - lo) + 0.5)))
+            order = part.abs().sort(descending=True, stable=True)
+            if exact_count:
+                keep = torch.zeros(hi - lo, dtype=torch.bool)
+                keep[order.indices[:k]] = True
+            else:
+                keep = part.abs() >= order.values[k - 1]
+            trimmed[r, lo:hi] = torch.where(keep, part, 0.0)
+    w = torch.ones(rows) if weights is None else torch.tensor(weights, dtype=torch.float32)
+    weighted = trimmed * w[:, None]
+    sign = torch.sign(weighted.sum(0))
     majority = 1.0 if (sign > 0).sum() >= (sign < 0).sum() else -1.0
     sign[sign == 0] = majority
-    agree = torch.where(sign > 0, trimmed > 0, trimmed < 0)
-    merged = (trimmed * agree).double().sum(0) / agree.sum(0).clamp(min=1)
+    agree = torch.where(sign > 0, weighted > 0, weighted < 0)
+    merged = (weighted * agree).double().sum(0)
+    if merge_func == "mean":
+        divisor = (w[:, None].double() * agree).sum(0)
+        merged = merged / torch.where(divisor == 0, 1.0, divisor)
     out, start = dict(base), 0
     for key, size in zip(keys, sizes):
         delta = merged[start:start + size].reshape(base[key].shape)
@@ -444,3 +460,141 @@ def test_inputs_are_not_modified():
     for before, after in zip([saved_base, *saved_experts], [base, *experts]):
         assert list(before) == list(after)
         assert all(torch.equal(before[key], after[key]) for key in before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Options: per-model weights and densities, exact keep count, mean or sum, DARE rescale
+# ---------------------------------------------------------------------------------------------
+
+def test_task_arithmetic_weights_hand_case():
+    base = {"w": t(1.0, 2.0)}
+    experts = [{"w": t(2.0, 2.0)}, {"w": t(1.0, 4.0)}]
+    assert torch.equal(task_arithmetic(base, experts, scaling=0.5, weights=[2.0, -1.0])["w"], t(2.0, 1.0))
+
+
+@pytest.mark.parametrize("merge_func", ["mean", "sum"])
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_ties_weights_densities_and_merge_func_match_brute_force(merge_func, per_tensor):
+    seed = torch.seed()
+    base = random_model(seed, shapes=((17, 9), (1,), (31,), (2, 3, 5), (64,)))
+    experts = random_experts(base, 3, scale=0.05)
+    weights, densities = [0.5, 1.75, -0.3], [0.1, 0.45, 0.8]
+    out = ties_merging(base, experts, 0.7, densities, per_tensor, weights=weights, merge_func=merge_func)
+    ref = ties_reference(base, experts, 0.7, densities, per_tensor, weights=weights, merge_func=merge_func)
+    for key in float_keys(base):
+        # fp32 products and sums of 3 terms against the fp64 reference; magnitudes below 4
+        assert_close(out[key], ref[key], atol=16 * EPS32 * 4), f"seed {seed}"
+
+
+def test_ties_exact_count_hand_case():
+    # k = 2 of 5 with a 3-way tie at the threshold: exact_count keeps the first two tied entries
+    base = {"w": t(0.0, 0.0, 0.0, 0.0, 0.0)}
+    out = ties_merging(base, [{"w": t(1.0, -3.0, 3.0, 3.0, 0.5)}], scaling=1.0, density=0.4, exact_count=True)
+    assert torch.equal(out["w"], t(0.0, -3.0, 3.0, 0.0, 0.0))
+    # whole model: the budget of tied entries runs through the keys in order
+    base = {"a": t(0.0, 0.0), "b": t(0.0, 0.0, 0.0)}
+    expert = {"a": t(1.0, 2.0), "b": t(2.0, -2.0, 5.0)}
+    out = ties_merging(base, [expert], scaling=1.0, density=0.6, exact_count=True)     # k = 3
+    assert torch.equal(out["a"], t(0.0, 2.0)) and torch.equal(out["b"], t(2.0, 0.0, 5.0))
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_ties_exact_count_keeps_exactly_k_in_bfloat16(per_tensor):
+    seed = torch.seed()
+    gen = torch.Generator().manual_seed(seed)
+    base = {"a": torch.zeros(4099, dtype=torch.bfloat16), "b": torch.zeros(37, 29, dtype=torch.bfloat16)}
+    experts = [{key: (torch.randn(v.shape, generator=gen) * 1e-2).to(torch.bfloat16) for key, v in base.items()}
+               for _ in range(2)]
+    density = 0.25
+    n_total = sum(v.numel() for v in base.values())
+    for exact in (False, True):
+        for i, expert in enumerate(experts):
+            out = ties_merging(base, [expert], scaling=1.0, density=density, per_tensor=per_tensor, exact_count=exact)
+            kept = {key: int((out[key] != 0).sum()) for key in base}
+            wanted = [math.floor(density * v.numel() + 0.5) for v in base.values()] if per_tensor else \
+                [math.floor(density * n_total + 0.5)]
+            got = list(kept.values()) if per_tensor else [sum(kept.values())]
+            if exact:
+                assert got == wanted, f"seed {seed}"
+            else:
+                assert all(g >= w for g, w in zip(got, wanted)), f"seed {seed}"
+        ref = ties_reference(base, experts, 1.0, density, per_tensor, exact_count=exact)
+        out = ties_merging(base, experts, scaling=1.0, density=density, per_tensor=per_tensor, exact_count=exact)
+        for key in base:
+            assert torch.equal(out[key], ref[key]), f"seed {seed}"
+
+
+@pytest.mark.parametrize("rescale", ["inverse", "l1", "none"])
+def test_dare_rescale_options(rescale):
+    seed = torch.seed() % 2**63
+    base = random_model(seed, shapes=((33, 7), (101,)))
+    experts = random_experts(base, 2)
+    p = [0.3, 0.6]
+    out = dare(base, experts, scaling=1.0, drop_rate=p, seed=seed, rescale=rescale, weights=[1.0, 0.0])
+    for key in float_keys(base):
+        tau = experts[0][key] - base[key]
+        keep = dare_keep_reference(seed, key, 0, base[key].shape, p[0])
+        masked = torch.where(keep, tau, 0.0)
+        if rescale == "inverse":
+            expected = torch.where(keep, tau / (1 - p[0]), 0.0)
+        elif rescale == "l1":
+            expected = masked * (tau.abs().sum() / masked.abs().sum())
+            # the L1 norm is preserved up to fp32 summation error
+            assert abs(float(expected.abs().sum()) - float(tau.abs().sum())) <= 1e-5 * float(tau.abs().sum())
+        else:
+            expected = masked
+        assert_close(out[key], base[key] + expected, atol=4 * EPS32 * 8, rtol=0.0), f"seed {seed}"
+
+
+def test_keys_policies():
+    base = {"a": t(0.0, 0.0), "b": t(1.0), "c": t(2.0)}
+    experts = [{"a": t(2.0, 4.0), "b": t(3.0), "d": t(7.0)}, {"a": t(4.0, 0.0), "b": t(5.0), "c": t(4.0), "d": t(9.0)}]
+    with pytest.raises(ValueError, match=r"experts\[0\] does not have the keys of base: missing \['c'\], "
+                                         r"unexpected \['d'\]"):
+        task_arithmetic(base, experts, 1.0)
+    inter = task_arithmetic(base, experts, 1.0, keys="intersection")
+    assert list(inter) == ["a", "b"] and torch.equal(inter["a"], t(6.0, 4.0)) and torch.equal(inter["b"], t(7.0))
+    union = task_arithmetic(base, experts, 0.5, keys="union")
+    assert list(union) == ["a", "b", "c", "d"]
+    assert torch.equal(union["c"], t(3.0))          # experts[0] has no "c": zero task vector there
+    assert torch.equal(union["d"], t(8.0))          # the base has no "d": the experts' average
+    averaged = weight_average(experts, keys="union", weights=[1.0, 3.0])
+    assert list(averaged) == ["a", "b", "d", "c"] and torch.equal(averaged["c"], t(4.0))
+    for out in (ties_merging(base, experts, 1.0, 1.0, keys="union"), dare(base, experts, 1.0, 0.0, keys="union")):
+        assert torch.equal(out["c"], t(4.0)) and torch.equal(out["d"], t(8.0))
+
+
+def test_promote_dtypes():
+    base = {"w": t(1.0, 2.0, dtype=torch.bfloat16)}
+    experts = [{"w": t(1.5, 2.0, dtype=torch.float32)}, {"w": t(1.0, 3.0, dtype=torch.bfloat16)}]
+    with pytest.raises(TypeError, match=r"experts\[0\]\['w'\] has dtype torch.float32, base\['w'\] has "
+                                        r"torch.bfloat16 \(promote_dtypes=True"):
+        task_arithmetic(base, experts)
+    out = task_arithmetic(base, experts, 1.0, promote_dtypes=True)
+    assert out["w"].dtype == torch.float32 and torch.equal(out["w"], t(1.5, 3.0))
+    with pytest.raises(TypeError, match="a float entry cannot be merged with a non-float one"):
+        task_arithmetic(base, [{"w": torch.tensor([1, 2])}], promote_dtypes=True)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(weights=[1.0]), ValueError, r"weights must be one number or 2"),
+    (dict(weights=[1.0, float("nan")]), ValueError, r"weights\[1\] must be finite"),
+    (dict(density=[0.2, 1.5], ties=True), ValueError, r"density\[1\] must be in \(0, 1\]"),
+    (dict(drop_rate=[0.2, 1.0]), ValueError, r"drop_rate\[1\] must be in \[0, 1\)"),
+    (dict(merge_func="median", ties=True), ValueError, r"merge_func must be one of \['mean', 'sum'\]"),
+    (dict(rescale="l2"), ValueError, r"rescale must be one of"),
+    (dict(keys="all"), ValueError, r"keys must be one of \['strict', 'intersection', 'union'\]"),
+    (dict(non_float="first"), ValueError, r"non_float must be one of"),
+    (dict(seed=-1), ValueError, r"seed must be in \[0, 2\*\*64\)"),
+    (dict(seed=1 << 64), ValueError, r"seed must be in \[0, 2\*\*64\)"),
+])
+def test_option_errors(kwargs, error, match):
+    base = random_model()
+    with pytest.raises(error, match=match):
+        dare(base, random_experts(base, 2), **kwargs)
+
+
+def test_weight_average_weights_summing_to_zero():
+    base = random_model()
+    with pytest.raises(ValueError, match="weights must not sum to 0"):
+        weight_average(random_experts(base, 2), weights=[1.0, -1.0])
