@@ -175,6 +175,7 @@ def _write_shard(path: Path, entries: Sequence[Entry], tensors: Iterator[tuple[s
             key, tensor = next(tensors)
             assert key == entry.key and tuple(tensor.shape) == entry.shape and tensor.dtype == entry.dtype, key
             f.write(memoryview(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy()))
+            del tensor  # free before the next tensor is made
 
 
 def write_safetensors_folder(folder: Path, entries: Sequence[Entry], tensors: Iterator[tuple[str, torch.Tensor]],

@@ -69,6 +69,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 
 from . import noise
+from .ops import native
 from .merge_plan import Entry, MappingSource, TensorSource, plan_entries
 
 StateDict = Mapping[str, torch.Tensor]
@@ -217,15 +218,23 @@ def _stack(entry: Entry, experts: Sequence[TensorSource], device=None) -> torch.
             out = torch.zeros((len(experts), *entry.shape), dtype=entry.compute_dtype,
                               device=value.device if device is None else device)
         out[i].copy_(value)
+        del value  # free it before the next read
     if out is None:  # only the base holds the key (keys="union")
         out = torch.zeros((len(experts), *entry.shape), dtype=entry.compute_dtype, device=device)
     return out
 
 
+def _element_words(seed: int, param_id: int, step: int, start: int, count: int) -> torch.Tensor:
+    """``noise.element_words``, from the native op when it is built (the same words, tested bitwise)."""
+    if native.available("cpu") and hasattr(torch.ops.mergopt_kernels, "noise_words"):
+        return torch.ops.mergopt_kernels.noise_words(noise.seed_as_int64(seed), param_id, step, start, count)
+    return noise.element_words(seed, param_id, step, start, count)
+
+
 def _dare_keep(seed: int, key: str, expert: int, start: int, count: int, drop_rate: float) -> torch.Tensor:
     """Keep mask (bool ``[count]``, CPU) of elements ``start .. start+count-1`` (module docstring)."""
     h = int.from_bytes(hashlib.sha256(f"{expert}:{key}".encode()).digest()[:8], "little")
-    words = noise.element_words(seed, h >> 32, h & noise.MASK32, start, count)
+    words = _element_words(seed, h >> 32, h & noise.MASK32, start, count)
     return (words >> 8) >= math.ceil(drop_rate * 2**24)
 
 
@@ -261,6 +270,21 @@ def _column(weights: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(weights, dtype=like.dtype, device=like.device).view(-1, *[1] * (like.dim() - 1))
 
 
+def _weighted_sum(stack: torch.Tensor, coefficients: Sequence[float], offset: torch.Tensor | None = None,
+                  divisor: float | None = None) -> torch.Tensor:
+    """``offset + sum_i c_i stack[i]`` (then ``/ divisor``), chunk by chunk: ``[K, *shape]`` -> ``shape``."""
+    flat = stack.view(stack.shape[0], -1)
+    coeff = _column(coefficients, flat)
+    out = torch.empty(flat.shape[1], dtype=stack.dtype, device=stack.device)
+    offset = offset.reshape(-1) if offset is not None else None
+    for part in _chunks(flat.shape[1]):
+        value = (coeff * flat[:, part]).sum(0)
+        if offset is not None:
+            value = offset[part] + value
+        out[part] = value / divisor if divisor is not None else value
+    return out.view(stack.shape[1:])
+
+
 def _average(entry: Entry, experts: Sequence[TensorSource], weights: Sequence[float] | None) -> torch.Tensor:
     """Mean (weighted: ``sum_i w_i x_i / sum_i w_i``) of the experts holding the entry."""
     stack = _stack(entry, experts)
@@ -269,7 +293,7 @@ def _average(entry: Entry, experts: Sequence[TensorSource], weights: Sequence[fl
     w = [(weights[i] if weights is not None else 1.0) if i in entry.experts else 0.0 for i in range(len(experts))]
     if sum(w) == 0:
         raise ValueError(f"the weights of the experts holding {entry.key!r} sum to 0: no weighted average")
-    return (_column(w, stack) * stack).sum(0) / sum(w)
+    return _weighted_sum(stack, w, divisor=sum(w))
 
 
 def _linear(entry: Entry, base: TensorSource, experts: Sequence[TensorSource], spec: MergeSpec,
@@ -279,7 +303,7 @@ def _linear(entry: Entry, base: TensorSource, experts: Sequence[TensorSource], s
     if coefficients is None:
         coefficients = [spec.scaling * (spec.weights[i] if spec.weights is not None else 1.0)
                         for i in range(len(experts))]
-    return ref_c + (_column(coefficients, tau) * tau).sum(0)
+    return _weighted_sum(tau, coefficients, offset=ref_c)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,6 +349,7 @@ def _kth_largest_magnitude(stream: Callable[[], Iterable[torch.Tensor]], k, rows
                 match = (bits & mask_d) == prefix_d
                 digit = ((bits >> shift) & (_DIGIT_BINS - 1)) + offset_d
                 hist += torch.bincount(digit[match], minlength=rows * _DIGIT_BINS).cpu()
+            del tau, flat  # free before the stream reads the next tensor
         hist = hist.view(rows, _DIGIT_BINS)
         # at_least[r, d]: matching entries of row r whose digit is >= d (non-increasing in d).
         at_least = torch.cat([hist.flip(1).cumsum(1).flip(1), torch.zeros(rows, 1, dtype=torch.int64)], 1)
@@ -349,8 +374,12 @@ class _Trim:
         n = sum(entry.numel for entry in entries)
         select_dtype = torch.float64 if any(e.compute_dtype == torch.float64 for e in entries) else torch.float32
         k = torch.tensor([_keep_count(d, n) for d in spec.density], dtype=torch.int64)
-        threshold, ties = _kth_largest_magnitude(lambda: (tau for _, tau in stream("TIES threshold")), k, rows,
-                                                 select_dtype)
+        def taus():
+            for _, tau in stream("TIES threshold"):
+                yield tau
+                del tau  # free before the stream reads the next tensor
+
+        threshold, ties = _kth_largest_magnitude(taus, k, rows, select_dtype)
         self.thresholds = dict.fromkeys((e.key for e in entries), threshold)
         self._ties_left = ties
 
@@ -361,8 +390,9 @@ class _Trim:
             self.thresholds[entry.key], ties = _kth_largest_magnitude(lambda: (tau,), k, self.rows, tau.dtype)
         if not self.spec.exact_count:
             return
-        threshold = self.thresholds[entry.key].to(tau.device)
-        equal = (tau.reshape(self.rows, -1).abs().to(threshold.dtype) == threshold[:, None]).sum(1).cpu()
+        threshold = self.thresholds[entry.key].to(tau.device)[:, None]
+        flat = tau.reshape(self.rows, -1)
+        equal = sum((flat[:, part].abs().to(threshold.dtype) == threshold).sum(1).cpu() for part in _chunks(flat.shape[1]))
         if self.spec.per_tensor:
             self.tie_budget[entry.key] = ties
         else:
@@ -430,6 +460,7 @@ def _ties_entries(spec: MergeSpec, base: TensorSource, experts: Sequence[TensorS
         trim.prepare(entry, tau)
         for _, _, sign in _ties_chunks(trim, spec, entry, tau):
             balance += int(sign.sum(dtype=torch.int64))
+        del tau
     majority = 1.0 if balance >= 0 else -1.0
     for entry in progress(ties_entries, "merging", len(ties_entries)):
         ref_c, tau = _task_vectors(entry, base, experts, spec)
@@ -437,6 +468,7 @@ def _ties_entries(spec: MergeSpec, base: TensorSource, experts: Sequence[TensorS
         ref_flat = ref_c.reshape(-1)
         for part, trimmed, sign in _ties_chunks(trim, spec, entry, tau):
             out[part] = ref_flat[part] + spec.scaling * _ties_merge(trimmed, sign, majority, spec)
+        del ref_c, ref_flat, tau
         yield entry, out.view(entry.shape)
 
 
@@ -476,6 +508,7 @@ def merge_tensors(spec: MergeSpec, base: TensorSource | None, experts: Sequence[
         else:
             value = _linear(entry, base, experts, spec)
         yield entry.key, value.to(entry.dtype)
+        del value  # free before the next entry is made
 
 
 # ---------------------------------------------------------------------------------------------
