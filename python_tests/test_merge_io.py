@@ -353,3 +353,16 @@ def test_peak_memory_within_bound(method, options, tmp_path):
     assert_equal_state(read_folder(tmp_path / "out"),
                        METHODS[method](safetensors_torch.load_file(base),
                                        [safetensors_torch.load_file(p) for p in experts], **options))
+
+
+def test_readme_merge_snippet(tmp_path, monkeypatch):
+    from test_snippets import snippet
+
+    seed = torch.seed() % 2**31
+    _, _, base_sd, expert_sds = write_models(tmp_path, seed, experts=2)
+    for name, sd in zip(("base", "expert_math", "expert_code"), [base_sd, *expert_sds]):
+        (tmp_path / name).mkdir()
+        safetensors_torch.save_file(sd, tmp_path / name / "model.safetensors")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet("merge"), "<snippet merge>", "exec"), {})
+    assert_equal_state(read_folder(tmp_path / "merged"), merging.ties_merging(base_sd, expert_sds, 0.3, 0.2))
