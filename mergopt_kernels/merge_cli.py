@@ -125,7 +125,11 @@ def _read_config(path: Path) -> dict:
     if path.suffix == ".json":
         config = json.loads(text)
     else:
-        import yaml
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"config {path}: reading YAML needs PyYAML (pip install pyyaml); "
+                             f"or write the config as .json") from None
         config = yaml.safe_load(text)
     if not isinstance(config, dict):
         raise ValueError(f"config {path}: expected a mapping at the top level")

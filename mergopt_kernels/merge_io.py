@@ -192,6 +192,8 @@ def write_safetensors_folder(folder: Path, entries: Sequence[Entry], tensors: It
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
         _write_shard(folder / name, shard, tensors)
+    if next(tensors, None) is not None:  # also runs the producer to its end, closing its progress bars
+        raise ValueError("tensors yielded more tensors than entries lists")
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(_nbytes(entry) for entry in entries)},
                  "weight_map": {entry.key: name for name, shard in zip(names, shards) for entry in shard}}

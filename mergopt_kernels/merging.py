@@ -512,6 +512,8 @@ def merge_tensors(spec: MergeSpec, base: TensorSource | None, experts: Sequence[
             value = _linear(entry, base, experts, spec)
         yield entry.key, value.to(entry.dtype)
         del value  # free before the next entry is made
+    if ties is not None:
+        next(ties, None)  # run the TIES generator to its end, which closes its progress bar
 
 
 # ---------------------------------------------------------------------------------------------
