@@ -73,7 +73,7 @@ import torch
 
 from . import noise
 from .ops import native
-from .merge_plan import Entry, MappingSource, TensorSource, plan_entries
+from .merge_plan import Entry, MappingSource, TensorSource, _choice, plan_entries
 
 StateDict = Mapping[str, torch.Tensor]
 Progress = Callable[[Iterable, str, int], Iterable]
@@ -124,12 +124,6 @@ def _drop_rate(name: str, value) -> float:
     value = _real(name, value)
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value}")
-    return value
-
-
-def _choice(name: str, value, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
     return value
 
 
@@ -209,6 +203,11 @@ def _chunks(n: int) -> Iterator[slice]:
         yield slice(start, min(n, start + CHUNK))
 
 
+def _rows(stack: torch.Tensor) -> torch.Tensor:
+    """``[K, *shape]`` viewed as ``[K, n]`` (also for ``n = 0``, where ``view(K, -1)`` is ambiguous)."""
+    return stack.view(stack.shape[0], stack[0].numel())
+
+
 def _stack(entry: Entry, experts: Sequence[TensorSource], device=None) -> torch.Tensor:
     """``[K, *shape]`` in the compute dtype: expert ``i``'s tensor in row ``i``, zeros where it has none.
 
@@ -243,7 +242,7 @@ def _dare_keep(seed: int, key: str, expert: int, start: int, count: int, drop_ra
 
 def _drop_and_rescale(tau: torch.Tensor, key: str, spec: MergeSpec) -> None:
     """DARE in place on ``tau`` ``[K, *shape]``."""
-    for i, row in enumerate(tau.view(tau.shape[0], -1)):
+    for i, row in enumerate(_rows(tau)):
         p = spec.drop_rate[i]
         before = row.abs().sum() if spec.rescale == "l1" else None
         for part in _chunks(row.numel()):
@@ -276,7 +275,7 @@ def _column(weights: Sequence[float], like: torch.Tensor) -> torch.Tensor:
 def _weighted_sum(stack: torch.Tensor, coefficients: Sequence[float], offset: torch.Tensor | None = None,
                   divisor: float | None = None) -> torch.Tensor:
     """``offset + sum_i c_i stack[i]`` (then ``/ divisor``), chunk by chunk: ``[K, *shape]`` -> ``shape``."""
-    flat = stack.view(stack.shape[0], -1)
+    flat = _rows(stack)
     coeff = _column(coefficients, flat)
     out = torch.empty(flat.shape[1], dtype=stack.dtype, device=stack.device)
     offset = offset.reshape(-1) if offset is not None else None
@@ -344,7 +343,7 @@ def _kth_largest_magnitude(stream: Callable[[], Iterable[torch.Tensor]], k, rows
     for shift in range(nbits - _DIGIT_BITS, -1, -_DIGIT_BITS):
         hist = torch.zeros(rows * _DIGIT_BINS, dtype=torch.int64)
         for tau in stream():
-            flat = tau.reshape(rows, -1)
+            flat = _rows(tau)
             device = flat.device
             mask_d, prefix_d, offset_d = (x.to(device)[:, None] for x in (prefix_mask, prefix, row_offset))
             for part in _chunks(flat.shape[1]):
@@ -394,7 +393,7 @@ class _Trim:
         if not self.spec.exact_count:
             return
         threshold = self.thresholds[entry.key].to(tau.device)[:, None]
-        flat = tau.reshape(self.rows, -1)
+        flat = _rows(tau)
         equal = sum((flat[:, part].abs().to(threshold.dtype) == threshold).sum(1).cpu() for part in _chunks(flat.shape[1]))
         if self.spec.per_tensor:
             self.tie_budget[entry.key] = ties
@@ -423,7 +422,7 @@ class _Trim:
 
 def _ties_chunks(trim: _Trim, spec: MergeSpec, entry: Entry, tau: torch.Tensor):
     """Yield ``(part, weighted trimmed [K, m], elected sign [m])`` over column chunks of ``tau``."""
-    flat = tau.reshape(tau.shape[0], -1)
+    flat = _rows(tau)
     ties_seen = torch.zeros(tau.shape[0], dtype=torch.int64) if spec.exact_count else None
     for part in _chunks(flat.shape[1]):
         trimmed = trim.trimmed(entry.key, flat, part, ties_seen)

@@ -598,3 +598,13 @@ def test_weight_average_weights_summing_to_zero():
     base = random_model()
     with pytest.raises(ValueError, match="weights must not sum to 0"):
         weight_average(random_experts(base, 2), weights=[1.0, -1.0])
+
+
+def test_zero_size_and_scalar_entries():
+    base = {"empty": torch.zeros(0, 4), "scalar": torch.tensor(1.0), "w": t(1.0, -1.0)}
+    experts = [{"empty": torch.zeros(0, 4), "scalar": torch.tensor(2.0), "w": t(2.0, 1.0)}] * 2
+    for out in (task_arithmetic(base, experts, 0.5), ties_merging(base, experts, 0.5, 1.0),
+                dare(base, experts, 0.5, 0.0), dare(base, experts, 0.5, 0.3, ties=True, density=1.0),
+                weight_average(experts), task_arithmetic(base, experts, 0.5, weights=[1.0, 0.0])):
+        assert out["empty"].shape == (0, 4) and out["scalar"].shape == ()
+    assert torch.equal(task_arithmetic(base, experts, 0.5)["scalar"], torch.tensor(2.0))
