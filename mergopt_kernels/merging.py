@@ -203,13 +203,8 @@ def _chunks(n: int) -> Iterator[slice]:
         yield slice(start, min(n, start + CHUNK))
 
 
-def _rows(stack: torch.Tensor) -> torch.Tensor:
-    """``[K, *shape]`` viewed as ``[K, n]`` (also for ``n = 0``, where ``view(K, -1)`` is ambiguous)."""
-    return stack.view(stack.shape[0], stack[0].numel())
-
-
 def _stack(entry: Entry, experts: Sequence[TensorSource], device=None) -> torch.Tensor:
-    """``[K, *shape]`` in the compute dtype: expert ``i``'s tensor in row ``i``, zeros where it has none.
+    """``[K, n]`` in the entry's dtype: expert ``i``'s tensor in row ``i``, zeros where it has none.
 
     On ``device``, or the first holder's device when it is ``None``.
     """
@@ -217,12 +212,12 @@ def _stack(entry: Entry, experts: Sequence[TensorSource], device=None) -> torch.
     for i in entry.experts:
         value = experts[i].load(entry.key)
         if out is None:
-            out = torch.zeros((len(experts), *entry.shape), dtype=entry.compute_dtype,
+            out = torch.zeros((len(experts), entry.numel), dtype=entry.dtype,
                               device=value.device if device is None else device)
-        out[i].copy_(value)
+        out[i].copy_(value.reshape(-1))
         del value  # free it before the next read
     if out is None:  # only the base holds the key (keys="union")
-        out = torch.zeros((len(experts), *entry.shape), dtype=entry.compute_dtype, device=device)
+        out = torch.zeros((len(experts), entry.numel), dtype=entry.dtype, device=device)
     return out
 
 
@@ -240,72 +235,94 @@ def _dare_keep(seed: int, key: str, expert: int, start: int, count: int, drop_ra
     return (words >> 8) >= math.ceil(drop_rate * 2**24)
 
 
-def _drop_and_rescale(tau: torch.Tensor, key: str, spec: MergeSpec) -> None:
-    """DARE in place on ``tau`` ``[K, *shape]``."""
-    for i, row in enumerate(_rows(tau)):
-        p = spec.drop_rate[i]
-        before = row.abs().sum() if spec.rescale == "l1" else None
-        for part in _chunks(row.numel()):
-            keep = _dare_keep(spec.seed, key, i, part.start, part.stop - part.start, p).to(row.device)
-            kept = row[part] / (1.0 - p) if spec.rescale == "inverse" else row[part]
-            row[part] = torch.where(keep, kept, torch.zeros((), dtype=row.dtype, device=row.device))
-        if before is not None:
-            after = row.abs().sum()
-            if before >= L1_EPS and after >= L1_EPS:
-                row.mul_(before / after)
+class _TaskVectors:
+    """The task vectors of one entry, made chunk by chunk.
 
+    The experts' tensors are held as one ``[K, n]`` stack in the entry's own dtype (a bf16
+    checkpoint stays bf16 in memory), the base as read; ``chunk(part)`` computes the fp32 (fp64)
+    task vectors of columns ``part``, with DARE's drop and rescale for ``dare``.
+    """
 
-def _task_vectors(entry: Entry, base: TensorSource, experts: Sequence[TensorSource],
-                  spec: MergeSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """(base in the compute dtype, task vectors ``[K, *shape]``); DARE applied for ``dare``."""
-    ref = base.load(entry.key)
-    ref_c = ref.to(entry.compute_dtype)
-    tau = _stack(entry, experts, ref.device)
-    for i in entry.experts:
-        tau[i].sub_(ref_c)
-    if spec.method == "dare":
-        _drop_and_rescale(tau, entry.key, spec)
-    return ref_c, tau
+    def __init__(self, entry: Entry, base: TensorSource | None, experts: Sequence[TensorSource], spec: MergeSpec):
+        self.entry, self.spec = entry, spec
+        self.base = base.load(entry.key).reshape(-1) if base is not None else None
+        self.experts = _stack(entry, experts, self.base.device if self.base is not None else None)
+        device = self.experts.device
+        rows = len(experts)
+        self.present = None if len(entry.experts) == rows else \
+            torch.tensor([i in entry.experts for i in range(rows)], device=device)[:, None]
+        self.dare = spec.method == "dare"
+        self.l1_scale = None
+        if self.dare and spec.rescale == "l1":
+            before = torch.zeros(rows, dtype=entry.compute_dtype, device=device)
+            after = torch.zeros_like(before)
+            for part in _chunks(entry.numel):
+                _, tau = self._task_vectors(part)
+                before += tau.abs().sum(1)
+                after += self._drop(tau, part).abs().sum(1)
+            self.l1_scale = torch.where((before >= L1_EPS) & (after >= L1_EPS), before / after,
+                                        torch.ones((), dtype=before.dtype, device=device))[:, None]
+
+    def _task_vectors(self, part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        ref = self.base[part].to(self.entry.compute_dtype)
+        tau = self.experts[:, part].to(self.entry.compute_dtype) - ref
+        if self.present is not None:
+            tau = torch.where(self.present, tau, torch.zeros((), dtype=tau.dtype, device=tau.device))
+        return ref, tau
+
+    def _drop(self, tau: torch.Tensor, part: slice) -> torch.Tensor:
+        rows = []
+        for i, row in enumerate(tau):
+            p = self.spec.drop_rate[i]
+            keep = _dare_keep(self.spec.seed, self.entry.key, i, part.start, part.stop - part.start, p).to(row.device)
+            kept = row / (1.0 - p) if self.spec.rescale == "inverse" else row
+            rows.append(torch.where(keep, kept, torch.zeros((), dtype=row.dtype, device=row.device)))
+        return torch.stack(rows)
+
+    def chunk(self, part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(base ``[m]``, task vectors ``[K, m]``) of columns ``part``, in the compute dtype."""
+        ref, tau = self._task_vectors(part)
+        if self.dare:
+            tau = self._drop(tau, part)
+            if self.l1_scale is not None:
+                tau = tau * self.l1_scale
+        return ref, tau
+
+    def raw_chunk(self, part: slice) -> torch.Tensor:
+        """The experts' values ``[K, m]`` of columns ``part`` in the compute dtype."""
+        return self.experts[:, part].to(self.entry.compute_dtype)
 
 
 def _column(weights: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(weights, dtype=like.dtype, device=like.device).view(-1, *[1] * (like.dim() - 1))
 
 
-def _weighted_sum(stack: torch.Tensor, coefficients: Sequence[float], offset: torch.Tensor | None = None,
-                  divisor: float | None = None) -> torch.Tensor:
-    """``offset + sum_i c_i stack[i]`` (then ``/ divisor``), chunk by chunk: ``[K, *shape]`` -> ``shape``."""
-    flat = _rows(stack)
-    coeff = _column(coefficients, flat)
-    out = torch.empty(flat.shape[1], dtype=stack.dtype, device=stack.device)
-    offset = offset.reshape(-1) if offset is not None else None
-    for part in _chunks(flat.shape[1]):
-        value = (coeff * flat[:, part]).sum(0)
-        if offset is not None:
-            value = offset[part] + value
-        out[part] = value / divisor if divisor is not None else value
-    return out.view(stack.shape[1:])
-
-
-def _average(entry: Entry, experts: Sequence[TensorSource], weights: Sequence[float] | None) -> torch.Tensor:
+def _average(entry: Entry, experts: Sequence[TensorSource], spec: MergeSpec) -> torch.Tensor:
     """Mean (weighted: ``sum_i w_i x_i / sum_i w_i``) of the experts holding the entry."""
-    stack = _stack(entry, experts)
-    if weights is None and len(entry.experts) == len(experts):
-        return stack.mean(0)
+    values, weights = _TaskVectors(entry, None, experts, spec), spec.weights
+    plain = weights is None and len(entry.experts) == len(experts)
     w = [(weights[i] if weights is not None else 1.0) if i in entry.experts else 0.0 for i in range(len(experts))]
-    if sum(w) == 0:
+    if not plain and sum(w) == 0:
         raise ValueError(f"the weights of the experts holding {entry.key!r} sum to 0: no weighted average")
-    return _weighted_sum(stack, w, divisor=sum(w))
+    out = torch.empty(entry.numel, dtype=entry.dtype, device=values.experts.device)
+    for part in _chunks(entry.numel):
+        chunk = values.raw_chunk(part)
+        out[part] = chunk.mean(0) if plain else (_column(w, chunk) * chunk).sum(0) / sum(w)
+    return out.view(entry.shape)
 
 
 def _linear(entry: Entry, base: TensorSource, experts: Sequence[TensorSource], spec: MergeSpec,
             coefficients: Sequence[float] | None = None) -> torch.Tensor:
     """``base + sum_i c_i tau_i`` with ``c_i = scaling * w_i`` unless ``coefficients`` are given."""
-    ref_c, tau = _task_vectors(entry, base, experts, spec)
     if coefficients is None:
         coefficients = [spec.scaling * (spec.weights[i] if spec.weights is not None else 1.0)
                         for i in range(len(experts))]
-    return _weighted_sum(tau, coefficients, offset=ref_c)
+    vectors = _TaskVectors(entry, base, experts, spec)
+    out = torch.empty(entry.numel, dtype=entry.dtype, device=vectors.experts.device)
+    for part in _chunks(entry.numel):
+        ref, tau = vectors.chunk(part)
+        out[part] = ref + (_column(coefficients, tau) * tau).sum(0)
+    return out.view(entry.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,9 +345,9 @@ def _kth_largest_magnitude(stream: Callable[[], Iterable[torch.Tensor]], k, rows
                            select_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact ``k[r]``-th largest ``|tau[r]|`` for each row ``r`` over all tensors of ``stream()``.
 
-    Radix select: ``stream()`` (tensors ``[rows, ...]``) is replayed once per 16-bit digit of the
-    magnitudes' bit patterns (most significant first), each time histogramming, chunk by chunk,
-    the digit of the entries whose higher bits equal the prefix chosen so far. ``k`` is an int or
+    Radix select: ``stream()`` (chunks ``[rows, m]``) is replayed once per 16-bit digit of the
+    magnitudes' bit patterns (most significant first), each time histogramming the digit of the
+    entries whose higher bits equal the prefix chosen so far. ``k`` is an int or
     a ``[rows]`` int64 tensor. Returns ``(threshold, ties)``, both ``[rows]`` on the CPU: the
     values in ``select_dtype``, and how many entries equal to the threshold are among the
     ``k[r]`` largest.
@@ -343,15 +360,11 @@ def _kth_largest_magnitude(stream: Callable[[], Iterable[torch.Tensor]], k, rows
     for shift in range(nbits - _DIGIT_BITS, -1, -_DIGIT_BITS):
         hist = torch.zeros(rows * _DIGIT_BINS, dtype=torch.int64)
         for tau in stream():
-            flat = _rows(tau)
-            device = flat.device
-            mask_d, prefix_d, offset_d = (x.to(device)[:, None] for x in (prefix_mask, prefix, row_offset))
-            for part in _chunks(flat.shape[1]):
-                bits = _magnitude_bits(flat[:, part], select_dtype)
-                match = (bits & mask_d) == prefix_d
-                digit = ((bits >> shift) & (_DIGIT_BINS - 1)) + offset_d
-                hist += torch.bincount(digit[match], minlength=rows * _DIGIT_BINS).cpu()
-            del tau, flat  # free before the stream reads the next tensor
+            mask_d, prefix_d, offset_d = (x.to(tau.device)[:, None] for x in (prefix_mask, prefix, row_offset))
+            bits = _magnitude_bits(tau, select_dtype)
+            match = (bits & mask_d) == prefix_d
+            digit = ((bits >> shift) & (_DIGIT_BINS - 1)) + offset_d
+            hist += torch.bincount(digit[match], minlength=rows * _DIGIT_BINS).cpu()
         hist = hist.view(rows, _DIGIT_BINS)
         # at_least[r, d]: matching entries of row r whose digit is >= d (non-increasing in d).
         at_least = torch.cat([hist.flip(1).cumsum(1).flip(1), torch.zeros(rows, 1, dtype=torch.int64)], 1)
@@ -376,59 +389,57 @@ class _Trim:
         n = sum(entry.numel for entry in entries)
         select_dtype = torch.float64 if any(e.compute_dtype == torch.float64 for e in entries) else torch.float32
         k = torch.tensor([_keep_count(d, n) for d in spec.density], dtype=torch.int64)
-        def taus():
-            for _, tau in stream("TIES threshold"):
-                yield tau
-                del tau  # free before the stream reads the next tensor
-
-        threshold, ties = _kth_largest_magnitude(taus, k, rows, select_dtype)
+        threshold, ties = _kth_largest_magnitude(lambda: (tau for _, tau in stream("TIES threshold")), k, rows,
+                                                 select_dtype)
         self.thresholds = dict.fromkeys((e.key for e in entries), threshold)
         self._ties_left = ties
 
-    def prepare(self, entry: Entry, tau: torch.Tensor) -> None:
+    def prepare(self, entry: Entry, vectors: _TaskVectors) -> None:
         """Fix the threshold (per tensor) and tie budget of ``entry``; call in key order, once."""
+        def taus():
+            return (vectors.chunk(part)[1] for part in _chunks(entry.numel))
+
         if self.spec.per_tensor:
             k = torch.tensor([_keep_count(d, entry.numel) for d in self.spec.density], dtype=torch.int64)
-            self.thresholds[entry.key], ties = _kth_largest_magnitude(lambda: (tau,), k, self.rows, tau.dtype)
+            self.thresholds[entry.key], ties = _kth_largest_magnitude(taus, k, self.rows, entry.compute_dtype)
         if not self.spec.exact_count:
             return
-        threshold = self.thresholds[entry.key].to(tau.device)[:, None]
-        flat = _rows(tau)
-        equal = sum((flat[:, part].abs().to(threshold.dtype) == threshold).sum(1).cpu() for part in _chunks(flat.shape[1]))
+        threshold = self.thresholds[entry.key][:, None]
+        equal = sum((tau.abs().to(threshold.dtype) == threshold.to(tau.device)).sum(1).cpu() for tau in taus())
         if self.spec.per_tensor:
             self.tie_budget[entry.key] = ties
         else:
             self.tie_budget[entry.key] = torch.minimum(self._ties_left, equal)
             self._ties_left = self._ties_left - self.tie_budget[entry.key]
 
-    def trimmed(self, key: str, tau: torch.Tensor, part: slice, ties_seen: torch.Tensor | None) -> torch.Tensor:
-        """Columns ``part`` of ``tau`` ``[K, n]`` with the entries below the threshold zeroed.
+    def trimmed(self, key: str, chunk: torch.Tensor, ties_seen: torch.Tensor | None) -> torch.Tensor:
+        """A chunk ``[K, m]`` of ``key``'s task vectors with the entries below the threshold zeroed.
 
         With ``exact_count``, ``ties_seen`` ``[K]`` counts the tied entries met in earlier chunks
         (updated in place) and only the first ``tie_budget`` of them are kept.
         """
-        chunk = tau[:, part]
-        threshold = self.thresholds[key].to(tau.device)[:, None]
+        device = chunk.device
+        threshold = self.thresholds[key].to(device)[:, None]
         mag = chunk.abs().to(threshold.dtype)
         if self.spec.exact_count:
             tied = mag == threshold
-            order = tied.cumsum(1) + ties_seen.to(tau.device)[:, None]
-            keep = (mag > threshold) | (tied & (order <= self.tie_budget[key].to(tau.device)[:, None]))
+            order = tied.cumsum(1) + ties_seen.to(device)[:, None]
+            keep = (mag > threshold) | (tied & (order <= self.tie_budget[key].to(device)[:, None]))
             ties_seen += tied.sum(1).cpu()
         else:
             keep = mag >= threshold
         return torch.where(keep, chunk, torch.zeros((), dtype=chunk.dtype, device=chunk.device))
 
 
-def _ties_chunks(trim: _Trim, spec: MergeSpec, entry: Entry, tau: torch.Tensor):
-    """Yield ``(part, weighted trimmed [K, m], elected sign [m])`` over column chunks of ``tau``."""
-    flat = _rows(tau)
-    ties_seen = torch.zeros(tau.shape[0], dtype=torch.int64) if spec.exact_count else None
-    for part in _chunks(flat.shape[1]):
-        trimmed = trim.trimmed(entry.key, flat, part, ties_seen)
+def _ties_chunks(trim: _Trim, spec: MergeSpec, entry: Entry, vectors: _TaskVectors):
+    """Yield ``(part, base [m], weighted trimmed [K, m], elected sign [m])`` chunk by chunk."""
+    ties_seen = torch.zeros(trim.rows, dtype=torch.int64) if spec.exact_count else None
+    for part in _chunks(entry.numel):
+        ref, tau = vectors.chunk(part)
+        trimmed = trim.trimmed(entry.key, tau, ties_seen)
         if spec.weights is not None:
             trimmed = _column(spec.weights, trimmed) * trimmed
-        yield part, trimmed, torch.sign(trimmed.sum(0))
+        yield part, ref, trimmed, torch.sign(trimmed.sum(0))
 
 
 def _ties_merge(trimmed: torch.Tensor, sign: torch.Tensor, majority: float, spec: MergeSpec) -> torch.Tensor:
@@ -451,26 +462,30 @@ def _ties_entries(spec: MergeSpec, base: TensorSource, experts: Sequence[TensorS
     ties_entries = [e for e in entries if e.merged and e.in_base and e.numel > 0]
     rows = len(experts)
 
-    def stream(desc: str):
+    def vectors(desc: str) -> Iterator[tuple[Entry, _TaskVectors]]:
         for entry in progress(ties_entries, desc, len(ties_entries)):
-            yield entry, _task_vectors(entry, base, experts, spec)[1]
+            yield entry, _TaskVectors(entry, base, experts, spec)
+
+    def stream(desc: str) -> Iterator[tuple[Entry, torch.Tensor]]:
+        for entry, entry_vectors in vectors(desc):
+            for part in _chunks(entry.numel):
+                yield entry, entry_vectors.chunk(part)[1]
+            del entry_vectors  # free before the next entry is read
 
     trim = _Trim(spec, ties_entries, stream, rows)
     # Pass: the majority sign over the whole model, for elements whose summed sign is 0.
     balance = 0
-    for entry, tau in stream("TIES signs"):
-        trim.prepare(entry, tau)
-        for _, _, sign in _ties_chunks(trim, spec, entry, tau):
+    for entry, entry_vectors in vectors("TIES signs"):
+        trim.prepare(entry, entry_vectors)
+        for _, _, _, sign in _ties_chunks(trim, spec, entry, entry_vectors):
             balance += int(sign.sum(dtype=torch.int64))
-        del tau
+        del entry_vectors
     majority = 1.0 if balance >= 0 else -1.0
-    for entry in progress(ties_entries, "merging", len(ties_entries)):
-        ref_c, tau = _task_vectors(entry, base, experts, spec)
-        out = torch.empty(entry.numel, dtype=tau.dtype, device=tau.device)
-        ref_flat = ref_c.reshape(-1)
-        for part, trimmed, sign in _ties_chunks(trim, spec, entry, tau):
-            out[part] = ref_flat[part] + spec.scaling * _ties_merge(trimmed, sign, majority, spec)
-        del ref_c, ref_flat, tau
+    for entry, entry_vectors in vectors("merging"):
+        out = torch.empty(entry.numel, dtype=entry.dtype, device=entry_vectors.experts.device)
+        for part, ref, trimmed, sign in _ties_chunks(trim, spec, entry, entry_vectors):
+            out[part] = ref + spec.scaling * _ties_merge(trimmed, sign, majority, spec)
+        del entry_vectors
         yield entry, out.view(entry.shape)
 
 
@@ -504,7 +519,7 @@ def merge_tensors(spec: MergeSpec, base: TensorSource | None, experts: Sequence[
         if not entry.merged:
             value = entry.copy_from.load(entry.key).clone()
         elif not spec.needs_base or not entry.in_base:
-            value = _average(entry, experts, spec.weights)
+            value = _average(entry, experts, spec)
         elif ties is not None and entry.numel > 0:
             _, value = next(ties)
         else:
