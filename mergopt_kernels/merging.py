@@ -15,13 +15,15 @@ Common rules
     * ``weights`` (one per expert) scale each expert: task arithmetic gives
       ``base + scaling * sum_i w_i tau_i`` (mergekit ``task_arithmetic`` with ``lambda``), a
       weight average ``sum_i w_i x_i / sum_i w_i`` (mergekit ``linear``).
-    * Memory: each entry is held as one ``[K, *shape]`` stack of task vectors in the compute
-      dtype, and everything else is done in chunks of ``CHUNK`` elements, so peak extra memory is
-      about ``K + 3`` times the largest tensor in fp32 for every method, whole-model TIES
-      included. Measured from disk (``python -m bench.merge_memory``: one 64 MiB fp32 tensor,
-      3 experts, peak resident set): weight average 4.1x the tensor, task arithmetic 5.3x,
-      TIES 6.2x (whole model or per tensor), DARE 5.4x, DARE-TIES 5.6x; the bound the tests
-      check is ``3 * (K + 1)`` = 12x. Inputs are never modified.
+    * Memory: the experts' tensors of one entry are held as one ``[K, n]`` stack in the entry's
+      own dtype (a bf16 checkpoint stays bf16), and the task vectors and everything else are made
+      in chunks of ``CHUNK`` elements, so peak extra memory is about ``K + 3`` times the largest
+      tensor plus fixed chunk buffers, for every method, whole-model TIES included. Measured from
+      disk (``python -m bench.merge_memory``, peak resident set), as multiples of the largest
+      tensor: one 64 MiB fp32 tensor and 3 experts, weight average 4.1x, task arithmetic 5.2x,
+      TIES 6.0x to 6.4x (whole model, exact count, per tensor), DARE 5.5x, DARE-TIES 5.9x
+      (bound ``3 * (K + 1)`` = 12x); one 32 MiB bf16 tensor and 1 expert, 2.2x to 4.1x (bound
+      6x). Inputs are never modified.
 
 TIES-Merging (``ties_merging``)
     1. Trim: expert ``i`` keeps the ``k_i = max(1, floor(density_i * n + 1/2))`` entries of
