@@ -1,5 +1,5 @@
-"""Command line of mergopt_kernels: ``python -m mergopt_kernels demo [options]``
-(installed as ``mergopt-kernels``)."""
+"""Command line of mergopt_kernels: ``python -m mergopt_kernels demo [options]`` and
+``python -m mergopt_kernels merge [options]`` (installed as ``mergopt-kernels``)."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def _default_cache_dir() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (subcommand ``demo``)."""
+    """The argument parser (subcommands ``demo`` and ``merge``)."""
     views, default_tasks, merges, lm_tasks, missing = _demo_names()
     parser = argparse.ArgumentParser(prog="mergopt-kernels", description=__doc__)
     parser.set_defaults(missing_extra=missing)
@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--threads", type=_positive_int, default=2,
                       help="CPU threads for torch (default 2; on a loaded machine 1 can be much faster)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    from .merge_cli import add_merge_parser
+    add_merge_parser(commands)
     return parser
 
 
@@ -178,6 +180,9 @@ def main(argv=None) -> int:
     """Entry point of ``python -m mergopt_kernels`` and of the ``mergopt-kernels`` script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "merge":
+        from .merge_cli import run_merge_command
+        return run_merge_command(args, parser)
     if args.missing_extra:
         parser.error(f"the demo needs the [demo] extra (module {args.missing_extra!r} is missing): {INSTALL_DEMO}")
     return run_demo_command(args, parser)

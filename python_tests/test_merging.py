@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 
+import numpy as np
+import numpy_philox
 import pytest
 import torch
 
@@ -27,7 +30,8 @@ def random_model(seed: int | None = None, dtype=torch.float32, shapes=((7, 5), (
     return model
 
 
-def random_experts(base, count: int, scale: float = 0.1):
+def random_experts(base, count: int, scale: float = 0.1, differ_non_float: bool = False):
+    """Experts near ``base``; their non-float entries equal the base's unless ``differ_non_float``."""
     experts = []
     for _ in range(count):
         expert = {}
@@ -35,6 +39,8 @@ def random_experts(base, count: int, scale: float = 0.1):
             if value.is_floating_point():
                 noise = scale * torch.randn(value.shape)
                 expert[key] = (value.float() + noise).to(value.dtype)
+            elif not differ_non_float:
+                expert[key] = value.clone()
             elif value.dtype == torch.bool:
                 expert[key] = ~value
             else:
@@ -55,13 +61,18 @@ def assert_close(actual, expected, atol, rtol=0.0):
 # Brute-force TIES on the concatenated model (the reference our streaming version must equal)
 # ---------------------------------------------------------------------------------------------
 
-def ties_reference(base, experts, scaling, density, per_tensor=False, taus=None):
+def ties_reference(base, experts, scaling, density, per_tensor=False, taus=None, weights=None,
+                   merge_func="mean", exact_count=False):
+    """TIES on the flattened model with sorts. ``density`` one value or one per expert; with
+    ``exact_count`` the k largest by a stable sort (ties: lowest index first)."""
     keys = float_keys(base)
     sizes = [base[key].numel() for key in keys]
     if taus is None:
         taus = [torch.stack([(e[key].double() - base[key].double()).float().reshape(-1) for e in experts])
                 for key in keys]
     flat = torch.cat(taus, dim=1)                                           # [K, N], whole model
+    rows = flat.shape[0]
+    densities = list(density) if isinstance(density, (list, tuple)) else [density] * rows
     segments = [(0, flat.shape[1])] if not per_tensor else []
     start = 0
     for size in sizes:
@@ -70,15 +81,26 @@ def ties_reference(base, experts, scaling, density, per_tensor=False, taus=None)
         start += size
     trimmed = torch.zeros_like(flat)
     for lo, hi in segments:
-        part = flat[:, lo:hi]
-        k = min(hi - lo, max(1, math.floor(density * (hi - lo) + 0.5)))
-        kth = part.abs().sort(dim=1, descending=True).values[:, k - 1:k]
-        trimmed[:, lo:hi] = torch.where(part.abs() >= kth, part, 0.0)
-    sign = torch.sign(trimmed.sum(0))
+        for r in range(rows):
+            part = flat[r, lo:hi]
+            k = min(hi - lo, max(1, math.floor(densities[r] * (hi - lo) + 0.5)))
+            order = part.abs().sort(descending=True, stable=True)
+            if exact_count:
+                keep = torch.zeros(hi - lo, dtype=torch.bool)
+                keep[order.indices[:k]] = True
+            else:
+                keep = part.abs() >= order.values[k - 1]
+            trimmed[r, lo:hi] = torch.where(keep, part, 0.0)
+    w = torch.ones(rows) if weights is None else torch.tensor(weights, dtype=torch.float32)
+    weighted = trimmed * w[:, None]
+    sign = torch.sign(weighted.sum(0))
     majority = 1.0 if (sign > 0).sum() >= (sign < 0).sum() else -1.0
     sign[sign == 0] = majority
-    agree = torch.where(sign > 0, trimmed > 0, trimmed < 0)
-    merged = (trimmed * agree).double().sum(0) / agree.sum(0).clamp(min=1)
+    agree = torch.where(sign > 0, weighted > 0, weighted < 0)
+    merged = (weighted * agree).double().sum(0)
+    if merge_func == "mean":
+        divisor = (w[:, None].double() * agree).sum(0)
+        merged = merged / torch.where(divisor == 0, 1.0, divisor)
     out, start = dict(base), 0
     for key, size in zip(keys, sizes):
         delta = merged[start:start + size].reshape(base[key].shape)
@@ -92,10 +114,11 @@ def ties_reference(base, experts, scaling, density, per_tensor=False, taus=None)
 # ---------------------------------------------------------------------------------------------
 
 def test_weight_average_hand_case():
-    experts = [{"w": t(1.0, 2.0), "n": torch.tensor(3)}, {"w": t(3.0, -2.0), "n": torch.tensor(5)}]
+    experts = [{"w": t(1.0, 2.0), "n": torch.tensor(3)}, {"w": t(3.0, -2.0), "n": torch.tensor(3)}]
     out = weight_average(experts)
     assert torch.equal(out["w"], t(2.0, 0.0))
     assert torch.equal(out["n"], torch.tensor(3))
+    assert torch.equal(weight_average(experts, weights=[3.0, 1.0])["w"], t(1.5, 1.0))
 
 
 def test_task_arithmetic_hand_case():
@@ -140,18 +163,37 @@ def test_ties_hand_case_global_versus_per_tensor():
     assert torch.equal(local["a"], t(10.0, 0.0)) and torch.equal(local["b"], t(0.0, 2.0))
 
 
+def dare_keep_reference(seed, key, expert, shape, p):
+    """The documented DARE mask, replayed with the numpy Philox: bool tensor of ``shape``."""
+    h = int.from_bytes(hashlib.sha256(f"{expert}:{key}".encode()).digest()[:8], "little")
+    n = math.prod(shape)
+    words = numpy_philox.element_words(seed, h >> 32, h & 0xFFFFFFFF, np.arange(n, dtype=np.uint64))
+    return torch.from_numpy((words >> 8) >= math.ceil(p * 2**24)).reshape(shape)
+
+
 def test_dare_masks_follow_documented_stream():
-    """Masks are torch.rand from Generator(seed), one [K, *shape] draw per key in the base's order."""
+    """Masks are the documented Philox words of (seed, expert, name, element), replayed in numpy."""
     base = random_model(dtype=torch.float32)
     experts = random_experts(base, 3)
-    p, seed, scaling = 0.3, 1234, 0.7
+    p, seed, scaling = 0.3, (1 << 64) - 1234, 0.7
     out = dare(base, experts, scaling, p, seed)
-    gen = torch.Generator().manual_seed(seed)
     for key in float_keys(base):
         tau = torch.stack([e[key] - base[key] for e in experts])
-        keep = torch.rand(tau.shape, generator=gen) >= p
+        keep = torch.stack([dare_keep_reference(seed, key, i, base[key].shape, p) for i in range(3)])
         expected = base[key] + (scaling * torch.where(keep, tau / (1 - p), 0.0)).sum(0)
         assert torch.equal(out[key], expected)          # the same fp32 operations in the same order
+
+
+def test_dare_masks_do_not_depend_on_key_order_or_other_keys():
+    base = random_model()
+    experts = random_experts(base, 2)
+    out = dare(base, experts, 1.0, 0.5, 7)
+    reverse = lambda sd: dict(reversed(list(sd.items())))  # noqa: E731
+    out_reversed = dare(reverse(base), [reverse(e) for e in experts], 1.0, 0.5, 7)
+    only_w2 = dare({"w2": base["w2"]}, [{"w2": e["w2"]} for e in experts], 1.0, 0.5, 7)
+    assert all(torch.equal(out[key], out_reversed[key]) for key in base)
+    assert torch.equal(out["w2"], only_w2["w2"])
+    assert list(out_reversed) == list(reverse(base))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,8 +264,11 @@ def test_kth_largest_magnitude_matches_sort_on_a_larger_model():
     for k in (1, 2, 5, 1234, flat.shape[1]):
         expected = flat.abs().sort(dim=1, descending=True).values[:, k - 1]
         for dtype in (torch.float32, torch.float64):
-            got = merging._kth_largest_magnitude(lambda: iter(tensors), k, 3, dtype)
+            got, ties = merging._kth_largest_magnitude(lambda: iter(tensors), k, 3, dtype)
             assert torch.equal(got, expected.to(dtype))
+            # ties: how many entries equal to the threshold are among the k largest
+            expected_ties = k - (flat.abs().to(dtype) > expected.to(dtype)[:, None]).sum(1)
+            assert torch.equal(ties, expected_ties)
 
 
 def test_dare_drop_rate_zero_equals_task_arithmetic():
@@ -267,15 +312,14 @@ def test_dare_ties_is_ties_of_rescaled_vectors():
     base = random_model(shapes=((9, 11), (23,)))
     experts = random_experts(base, 3)
     p, seed = 0.4, 77
-    gen = torch.Generator().manual_seed(seed)
     taus = []
     for key in float_keys(base):
         tau = torch.stack([e[key] - base[key] for e in experts])
-        keep = torch.rand(tau.shape, generator=gen) >= p
+        keep = torch.stack([dare_keep_reference(seed, key, i, base[key].shape, p) for i in range(3)])
         taus.append(torch.where(keep, tau / (1 - p), 0.0).reshape(3, -1))
     ref = ties_reference(base, experts, 0.3, 0.25, taus=taus)
     out = dare(base, experts, 0.3, p, seed, ties=True, density=0.25)
-    for key in base:
+    for key in float_keys(base):
         assert_close(out[key], ref[key], atol=8 * EPS32 * 4)
 
 
@@ -297,15 +341,28 @@ def test_low_precision_dtype_preserved_and_computed_in_fp32(dtype):
             assert torch.equal(out[key], ref32[key].to(dtype))
 
 
-def test_non_float_entries_come_from_the_base_and_are_copies():
+def test_non_float_entries_that_differ_are_an_error_naming_the_key():
     base = random_model()
-    experts = random_experts(base, 2)
-    for out in (task_arithmetic(base, experts), ties_merging(base, experts), dare(base, experts),
-                dare(base, experts, ties=True)):
+    experts = random_experts(base, 2, differ_non_float=True)
+    experts[1]["steps"] = experts[1]["steps"] + 1   # differs from experts[0] too (for the weight average)
+    for call in (lambda **kw: task_arithmetic(base, experts, **kw), lambda **kw: ties_merging(base, experts, **kw),
+                 lambda **kw: dare(base, experts, **kw), lambda **kw: weight_average(experts, **kw)):
+        with pytest.raises(ValueError, match=r"non-float entry 'steps' differs between (base|experts\[0\]) and "
+                                             r"experts\[\d\]"):
+            call()
+        out = call(non_float="base")
+        assert list(out) == list(base)
+
+
+def test_non_float_entries_taken_from_the_base_are_copies():
+    base = random_model()
+    experts = random_experts(base, 2, differ_non_float=True)
+    for out in (task_arithmetic(base, experts, non_float="base"), ties_merging(base, experts, non_float="base"),
+                dare(base, experts, non_float="base"), dare(base, experts, ties=True, non_float="base")):
         assert torch.equal(out["steps"], base["steps"]) and torch.equal(out["mask"], base["mask"])
         assert out["steps"].data_ptr() != base["steps"].data_ptr()
         assert list(out) == list(base)
-    averaged = weight_average(experts)
+    averaged = weight_average(experts, non_float="base")
     assert torch.equal(averaged["steps"], experts[0]["steps"]) and torch.equal(averaged["mask"], experts[0]["mask"])
 
 
@@ -403,3 +460,151 @@ def test_inputs_are_not_modified():
     for before, after in zip([saved_base, *saved_experts], [base, *experts]):
         assert list(before) == list(after)
         assert all(torch.equal(before[key], after[key]) for key in before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Options: per-model weights and densities, exact keep count, mean or sum, DARE rescale
+# ---------------------------------------------------------------------------------------------
+
+def test_task_arithmetic_weights_hand_case():
+    base = {"w": t(1.0, 2.0)}
+    experts = [{"w": t(2.0, 2.0)}, {"w": t(1.0, 4.0)}]
+    assert torch.equal(task_arithmetic(base, experts, scaling=0.5, weights=[2.0, -1.0])["w"], t(2.0, 1.0))
+
+
+@pytest.mark.parametrize("merge_func", ["mean", "sum"])
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_ties_weights_densities_and_merge_func_match_brute_force(merge_func, per_tensor):
+    seed = torch.seed()
+    base = random_model(seed, shapes=((17, 9), (1,), (31,), (2, 3, 5), (64,)))
+    experts = random_experts(base, 3, scale=0.05)
+    weights, densities = [0.5, 1.75, -0.3], [0.1, 0.45, 0.8]
+    out = ties_merging(base, experts, 0.7, densities, per_tensor, weights=weights, merge_func=merge_func)
+    ref = ties_reference(base, experts, 0.7, densities, per_tensor, weights=weights, merge_func=merge_func)
+    for key in float_keys(base):
+        # fp32 products and sums of 3 terms against the fp64 reference; magnitudes below 4
+        assert_close(out[key], ref[key], atol=16 * EPS32 * 4), f"seed {seed}"
+
+
+def test_ties_exact_count_hand_case():
+    # k = 2 of 5 with a 3-way tie at the threshold: exact_count keeps the first two tied entries
+    base = {"w": t(0.0, 0.0, 0.0, 0.0, 0.0)}
+    out = ties_merging(base, [{"w": t(1.0, -3.0, 3.0, 3.0, 0.5)}], scaling=1.0, density=0.4, exact_count=True)
+    assert torch.equal(out["w"], t(0.0, -3.0, 3.0, 0.0, 0.0))
+    # whole model: the budget of tied entries runs through the keys in order
+    base = {"a": t(0.0, 0.0), "b": t(0.0, 0.0, 0.0)}
+    expert = {"a": t(1.0, 2.0), "b": t(2.0, -2.0, 5.0)}
+    out = ties_merging(base, [expert], scaling=1.0, density=0.6, exact_count=True)     # k = 3
+    assert torch.equal(out["a"], t(0.0, 2.0)) and torch.equal(out["b"], t(2.0, 0.0, 5.0))
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_ties_exact_count_keeps_exactly_k_in_bfloat16(per_tensor):
+    seed = torch.seed()
+    gen = torch.Generator().manual_seed(seed)
+    base = {"a": torch.zeros(4099, dtype=torch.bfloat16), "b": torch.zeros(37, 29, dtype=torch.bfloat16)}
+    experts = [{key: (torch.randn(v.shape, generator=gen) * 1e-2).to(torch.bfloat16) for key, v in base.items()}
+               for _ in range(2)]
+    density = 0.25
+    n_total = sum(v.numel() for v in base.values())
+    for exact in (False, True):
+        for i, expert in enumerate(experts):
+            out = ties_merging(base, [expert], scaling=1.0, density=density, per_tensor=per_tensor, exact_count=exact)
+            kept = {key: int((out[key] != 0).sum()) for key in base}
+            wanted = [math.floor(density * v.numel() + 0.5) for v in base.values()] if per_tensor else \
+                [math.floor(density * n_total + 0.5)]
+            got = list(kept.values()) if per_tensor else [sum(kept.values())]
+            if exact:
+                assert got == wanted, f"seed {seed}"
+            else:
+                assert all(g >= w for g, w in zip(got, wanted)), f"seed {seed}"
+        ref = ties_reference(base, experts, 1.0, density, per_tensor, exact_count=exact)
+        out = ties_merging(base, experts, scaling=1.0, density=density, per_tensor=per_tensor, exact_count=exact)
+        for key in base:
+            assert torch.equal(out[key], ref[key]), f"seed {seed}"
+
+
+@pytest.mark.parametrize("rescale", ["inverse", "l1", "none"])
+def test_dare_rescale_options(rescale):
+    seed = torch.seed() % 2**63
+    base = random_model(seed, shapes=((33, 7), (101,)))
+    experts = random_experts(base, 2)
+    p = [0.3, 0.6]
+    out = dare(base, experts, scaling=1.0, drop_rate=p, seed=seed, rescale=rescale, weights=[1.0, 0.0])
+    for key in float_keys(base):
+        tau = experts[0][key] - base[key]
+        keep = dare_keep_reference(seed, key, 0, base[key].shape, p[0])
+        masked = torch.where(keep, tau, 0.0)
+        if rescale == "inverse":
+            expected = torch.where(keep, tau / (1 - p[0]), 0.0)
+        elif rescale == "l1":
+            expected = masked * (tau.abs().sum() / masked.abs().sum())
+            # the L1 norm is preserved up to fp32 summation error
+            assert abs(float(expected.abs().sum()) - float(tau.abs().sum())) <= 1e-5 * float(tau.abs().sum())
+        else:
+            expected = masked
+        assert_close(out[key], base[key] + expected, atol=4 * EPS32 * 8, rtol=0.0), f"seed {seed}"
+
+
+def test_keys_policies():
+    base = {"a": t(0.0, 0.0), "b": t(1.0), "c": t(2.0)}
+    experts = [{"a": t(2.0, 4.0), "b": t(3.0), "d": t(7.0)}, {"a": t(4.0, 0.0), "b": t(5.0), "c": t(4.0), "d": t(9.0)}]
+    with pytest.raises(ValueError, match=r"experts\[0\] does not have the keys of base: missing \['c'\], "
+                                         r"unexpected \['d'\]"):
+        task_arithmetic(base, experts, 1.0)
+    inter = task_arithmetic(base, experts, 1.0, keys="intersection")
+    assert list(inter) == ["a", "b"] and torch.equal(inter["a"], t(6.0, 4.0)) and torch.equal(inter["b"], t(7.0))
+    union = task_arithmetic(base, experts, 0.5, keys="union")
+    assert list(union) == ["a", "b", "c", "d"]
+    assert torch.equal(union["c"], t(3.0))          # experts[0] has no "c": zero task vector there
+    assert torch.equal(union["d"], t(8.0))          # the base has no "d": the experts' average
+    averaged = weight_average(experts, keys="union", weights=[1.0, 3.0])
+    assert list(averaged) == ["a", "b", "d", "c"] and torch.equal(averaged["c"], t(4.0))
+    for out in (ties_merging(base, experts, 1.0, 1.0, keys="union"), dare(base, experts, 1.0, 0.0, keys="union")):
+        assert torch.equal(out["c"], t(4.0)) and torch.equal(out["d"], t(8.0))
+
+
+def test_promote_dtypes():
+    base = {"w": t(1.0, 2.0, dtype=torch.bfloat16)}
+    experts = [{"w": t(1.5, 2.0, dtype=torch.float32)}, {"w": t(1.0, 3.0, dtype=torch.bfloat16)}]
+    with pytest.raises(TypeError, match=r"experts\[0\]\['w'\] has dtype torch.float32, base\['w'\] has "
+                                        r"torch.bfloat16 \(promote_dtypes=True"):
+        task_arithmetic(base, experts)
+    out = task_arithmetic(base, experts, 1.0, promote_dtypes=True)
+    assert out["w"].dtype == torch.float32 and torch.equal(out["w"], t(1.5, 3.0))
+    with pytest.raises(TypeError, match="a float entry cannot be merged with a non-float one"):
+        task_arithmetic(base, [{"w": torch.tensor([1, 2])}], promote_dtypes=True)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(weights=[1.0]), ValueError, r"weights must be one number or 2"),
+    (dict(weights=[1.0, float("nan")]), ValueError, r"weights\[1\] must be finite"),
+    (dict(density=[0.2, 1.5], ties=True), ValueError, r"density\[1\] must be in \(0, 1\]"),
+    (dict(drop_rate=[0.2, 1.0]), ValueError, r"drop_rate\[1\] must be in \[0, 1\)"),
+    (dict(merge_func="median", ties=True), ValueError, r"merge_func must be one of \['mean', 'sum'\]"),
+    (dict(rescale="l2"), ValueError, r"rescale must be one of"),
+    (dict(keys="all"), ValueError, r"keys must be one of \['strict', 'intersection', 'union'\]"),
+    (dict(non_float="first"), ValueError, r"non_float must be one of"),
+    (dict(seed=-1), ValueError, r"seed must be in \[0, 2\*\*64\)"),
+    (dict(seed=1 << 64), ValueError, r"seed must be in \[0, 2\*\*64\)"),
+])
+def test_option_errors(kwargs, error, match):
+    base = random_model()
+    with pytest.raises(error, match=match):
+        dare(base, random_experts(base, 2), **kwargs)
+
+
+def test_weight_average_weights_summing_to_zero():
+    base = random_model()
+    with pytest.raises(ValueError, match="weights must not sum to 0"):
+        weight_average(random_experts(base, 2), weights=[1.0, -1.0])
+
+
+def test_zero_size_and_scalar_entries():
+    base = {"empty": torch.zeros(0, 4), "scalar": torch.tensor(1.0), "w": t(1.0, -1.0)}
+    experts = [{"empty": torch.zeros(0, 4), "scalar": torch.tensor(2.0), "w": t(2.0, 1.0)}] * 2
+    for out in (task_arithmetic(base, experts, 0.5), ties_merging(base, experts, 0.5, 1.0),
+                dare(base, experts, 0.5, 0.0), dare(base, experts, 0.5, 0.3, ties=True, density=1.0),
+                weight_average(experts), task_arithmetic(base, experts, 0.5, weights=[1.0, 0.0])):
+        assert out["empty"].shape == (0, 4) and out["scalar"].shape == ()
+    assert torch.equal(task_arithmetic(base, experts, 0.5)["scalar"], torch.tensor(2.0))

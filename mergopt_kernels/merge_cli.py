@@ -1,0 +1,240 @@
+"""``mergopt-kernels merge``: merge checkpoints on disk from the command line or a config file.
+
+    mergopt-kernels merge --method ties --base BASE --experts A B --out MERGED [--density 0.2] ...
+    mergopt-kernels merge --config merge.yaml --out MERGED
+
+The config file (YAML or JSON) has mergekit's layout, for the methods both packages have::
+
+    merge_method: ties            # weight_average | task_arithmetic | ties | dare, or mergekit's
+                                  # linear | task_arithmetic | ties | dare_linear | dare_ties
+    conventions: paper            # paper (default) or mergekit: the defaults of unset options
+    base_model: ./base
+    models:
+      - model: ./expert_a
+        parameters: {weight: 1.0, density: 0.3}
+      - model: ./expert_b
+        parameters: {weight: 0.5}
+    parameters:                   # shared options; per-model ones override weight and density
+      lambda: 0.3                 # or scaling
+      density: 0.2
+      normalize: true             # TIES: true = disjoint mean, false = sum
+      per_tensor: false
+      exact_count: false
+      drop_rate: 0.5              # DARE (paper conventions)
+      rescale: inverse            # inverse | l1 | none (true = l1, false = none, as in mergekit)
+      seed: 0
+      keys: strict                # strict | intersection | union
+      non_float: error            # error | base
+      promote_dtypes: false
+
+``conventions: mergekit`` makes unset options mergekit 0.1.5's: ``lambda`` 1, per-tensor trim,
+``density`` 1, ``normalize`` true for ``ties`` and false for ``dare_ties``, DARE ``rescale``
+l1, and for the DARE methods ``density`` is the keep fraction (``drop_rate = 1 - density``),
+with no magnitude trim in ``dare_ties``. Differences that remain: mergekit keeps
+``max(1, int(density * n))`` entries per tensor where we keep ``floor(density * n + 1/2)``,
+its DARE masks come from ``torch.bernoulli`` (ours from the Philox stream of ``merging``), and
+it elects +1 where the sign sum is exactly 0 (we take the model's majority sign).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+METHOD_ALIASES = {"weight_average": ("weight_average", False), "linear": ("weight_average", False),
+                  "task_arithmetic": ("task_arithmetic", False), "ties": ("ties", False),
+                  "dare": ("dare", False), "dare_linear": ("dare", False), "dare_ties": ("dare", True)}
+SHARED_OPTIONS = {"lambda": "scaling", "scaling": "scaling", "density": "density", "normalize": "normalize",
+                  "per_tensor": "per_tensor", "exact_count": "exact_count", "drop_rate": "drop_rate",
+                  "rescale": "rescale", "seed": "seed", "ties": "ties", "weight": "weight", "keys": "keys",
+                  "non_float": "non_float", "promote_dtypes": "promote_dtypes"}
+MODEL_OPTIONS = ("weight", "density", "drop_rate")
+CONFIG_KEYS = ("merge_method", "conventions", "base_model", "models", "parameters")
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def _size(text: str) -> int:
+    number = text.rstrip("BbKkMmGgIi")
+    unit = text[len(number):].upper()
+    try:
+        value = float(number) * SIZE_UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"must be a size such as 5GB, 500MiB or 1000000, got {text!r}") from None
+    if not math.isfinite(value) or value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
+    return int(value)
+
+
+def add_merge_parser(commands) -> argparse.ArgumentParser:
+    """Add the ``merge`` subcommand to an ``add_subparsers()`` object; returns its parser."""
+    from .merge_io import DEFAULT_MAX_SHARD_SIZE
+    from .merging import MERGE_FUNCS, METHODS, RESCALES
+    from .merge_plan import KEY_POLICIES, NON_FLOAT_POLICIES
+
+    merge = commands.add_parser(
+        "merge", help="merge fine-tuned checkpoints (HF folders or .safetensors files) into a new folder",
+        description="Merge expert checkpoints into an HF model folder, reading and writing tensor by tensor. "
+                    "Defaults are the paper's conventions (FusionBench); see mergopt_kernels.merging and the "
+                    "README for their mergekit equivalents. A config file (--config) gives per-model options.")
+    merge.add_argument("--method", choices=METHODS, help="merge method (required without --config)")
+    merge.add_argument("--base", help="base checkpoint: HF folder or .safetensors file")
+    merge.add_argument("--experts", nargs="+", metavar="DIR", help="expert checkpoints")
+    merge.add_argument("--out", required=True, help="output folder (must not exist, or be empty)")
+    merge.add_argument("--config", help="YAML/JSON config with mergekit's layout (instead of the options below)")
+    merge.add_argument("--scaling", type=float, help="lambda in base + lambda * merged task vector (default 0.3)")
+    merge.add_argument("--weights", type=float, nargs="+", metavar="W", help="one weight per expert (default 1)")
+    merge.add_argument("--density", type=float, nargs="+", metavar="D",
+                       help="TIES keep fraction, one value or one per expert (default 0.2)")
+    merge.add_argument("--drop-rate", type=float, nargs="+", metavar="P",
+                       help="DARE drop probability, one value or one per expert (default 0.5)")
+    merge.add_argument("--seed", type=int, help="DARE mask seed (default 0)")
+    merge.add_argument("--per-tensor", action="store_true", help="TIES: top-k within each tensor (mergekit)")
+    merge.add_argument("--exact-count", action="store_true", help="TIES: keep exactly k entries, ties by position")
+    merge.add_argument("--merge-func", choices=MERGE_FUNCS, help="TIES: mean (default) or sum of agreeing entries")
+    merge.add_argument("--rescale", choices=RESCALES, help="DARE rescale of kept entries (default inverse)")
+    merge.add_argument("--ties", action="store_true", help="DARE: merge the rescaled vectors with TIES")
+    merge.add_argument("--keys", choices=KEY_POLICIES, help="keys not in every input (default strict: an error)")
+    merge.add_argument("--non-float", choices=NON_FLOAT_POLICIES,
+                       help="non-float entries that differ (default error; base takes the base's)")
+    merge.add_argument("--promote-dtypes", action="store_true", help="merge differing float dtypes, promoted")
+    merge.add_argument("--max-shard-size", type=_size, default=DEFAULT_MAX_SHARD_SIZE,
+                       help="bytes per output shard (default 5GB)")
+    merge.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return merge
+
+
+_FLAG_OPTIONS = ("scaling", "weights", "density", "drop_rate", "seed", "merge_func", "rescale", "keys", "non_float")
+_SWITCH_OPTIONS = ("per_tensor", "exact_count", "ties", "promote_dtypes")
+
+
+def _options_from_args(args: argparse.Namespace, parser) -> tuple[str, str | None, list[str], dict]:
+    if args.method is None or not args.experts:
+        parser.error("merge: --method and --experts are required (or give --config)")
+    options = {name: getattr(args, name) for name in _FLAG_OPTIONS if getattr(args, name) is not None}
+    options.update({name: True for name in _SWITCH_OPTIONS if getattr(args, name)})
+    for name in ("density", "drop_rate"):
+        if name in options and len(options[name]) == 1:
+            options[name] = options[name][0]
+    return args.method, args.base, args.experts, options
+
+
+def _read_config(path: Path) -> dict:
+    text = path.read_text()
+    if path.suffix == ".json":
+        config = json.loads(text)
+    else:
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"config {path}: reading YAML needs PyYAML (pip install pyyaml); "
+                             f"or write the config as .json") from None
+        config = yaml.safe_load(text)
+    if not isinstance(config, dict):
+        raise ValueError(f"config {path}: expected a mapping at the top level")
+    unknown = sorted(set(config) - set(CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"config {path}: unknown keys {unknown} (accepted: {list(CONFIG_KEYS)})")
+    return config
+
+
+def _mergekit_defaults(method: str) -> dict:
+    defaults = {"scaling": 1.0, "per_tensor": True, "density": 1.0}
+    if method == "ties":
+        defaults["merge_func"] = "mean"
+    if method == "dare":
+        defaults.update(rescale="l1", merge_func="sum")
+    return defaults
+
+
+def options_from_config(path) -> tuple[str, str | None, list[str], dict]:
+    """(method, base path, expert paths, ``merge_checkpoints`` options) from a config file.
+
+    Relative model paths are taken relative to the config file's folder.
+    """
+    path = Path(path)
+    config = _read_config(path)
+    name = config.get("merge_method")
+    if name not in METHOD_ALIASES:
+        raise ValueError(f"config {path}: merge_method must be one of {list(METHOD_ALIASES)}, got {name!r}")
+    method, dare_ties = METHOD_ALIASES[name]
+    conventions = config.get("conventions", "paper")
+    if conventions not in ("paper", "mergekit"):
+        raise ValueError(f"config {path}: conventions must be 'paper' or 'mergekit', got {conventions!r}")
+    models = config.get("models")
+    if not isinstance(models, list) or not models or not all(isinstance(m, dict) and "model" in m for m in models):
+        raise ValueError(f"config {path}: models must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
+    shared = dict(config.get("parameters") or {})
+    unknown = sorted(set(shared) - set(SHARED_OPTIONS))
+    if unknown:
+        raise ValueError(f"config {path}: unknown parameters {unknown} (accepted: {sorted(SHARED_OPTIONS)})")
+    options = _mergekit_defaults(method) if conventions == "mergekit" else {}
+    options.update({SHARED_OPTIONS[key]: value for key, value in shared.items()})
+    if dare_ties:
+        options["ties"] = True
+    if "normalize" in options:
+        options["merge_func"] = "mean" if options.pop("normalize") else "sum"
+    if isinstance(options.get("rescale"), bool):
+        options["rescale"] = "l1" if options["rescale"] else "none"
+    per_model = {}
+    for i, model in enumerate(models):
+        params = model.get("parameters") or {}
+        unknown = sorted(set(params) - set(MODEL_OPTIONS))
+        if unknown:
+            raise ValueError(f"config {path}: models[{i}] has unknown parameters {unknown} "
+                             f"(accepted: {list(MODEL_OPTIONS)})")
+        for key in MODEL_OPTIONS:
+            per_model.setdefault(key, []).append(params.get(key, options.get(key)))
+    weights = per_model["weight"]
+    options.pop("weight", None)
+    if any(w is not None for w in weights):
+        options["weights"] = [1.0 if w is None else w for w in weights]
+    for key in ("density", "drop_rate"):
+        values = per_model[key]
+        if None not in values:
+            options[key] = values
+        elif any(v is not None for v in values):
+            raise ValueError(f"config {path}: {key} is set for some models only; set it for every model "
+                             f"or in parameters")
+    if conventions == "mergekit" and method == "dare":
+        density = options.pop("density")
+        options["drop_rate"] = [1.0 - d for d in density] if isinstance(density, list) else 1.0 - density
+        options["density"] = 1.0
+    folder = path.parent
+    base = config.get("base_model")
+    return (method, str(folder / base) if base is not None else None,
+            [str(folder / model["model"]) for model in models], options)
+
+
+def _tqdm_progress(disabled: bool):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return lambda items, desc, total: tqdm(items, desc=desc, total=total, unit="tensor", disable=disabled)
+
+
+def run_merge_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Run ``merge`` for parsed arguments; prints where the merged model was written."""
+    from .merge_io import merge_checkpoints
+
+    if args.config is not None:
+        given = [f"--{name.replace('_', '-')}" for name in ("method", "base", "experts", *_FLAG_OPTIONS)
+                 if getattr(args, name) is not None] + \
+                [f"--{name.replace('_', '-')}" for name in _SWITCH_OPTIONS if getattr(args, name)]
+        if given:
+            parser.error(f"merge: --config sets the method, models and options; do not also give {given}")
+        try:
+            method, base, experts, options = options_from_config(args.config)
+        except (OSError, ValueError) as error:
+            parser.error(f"merge: {error}")
+    else:
+        method, base, experts, options = _options_from_args(args, parser)
+    try:
+        out = merge_checkpoints(method, base, experts, args.out, max_shard_size=args.max_shard_size,
+                                progress=_tqdm_progress(args.no_progress), **options)
+    except (OSError, TypeError, ValueError) as error:
+        parser.exit(2, f"{parser.prog} merge: error: {error}\n")
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,265 @@
+"""Merging checkpoints on disk: safetensors read tensor by tensor, the result streamed to shards.
+
+Inputs are Hugging Face model folders (``model.safetensors``, or shards listed in
+``model.safetensors.index.json``: what ``save_pretrained`` and ``transformers.Trainer``
+write) or single ``.safetensors`` files. Each tensor is read when the merge needs it, with a
+plain ``readinto`` into a fresh tensor (no memory map, so the process holds only what the merge
+holds), and each merged tensor is written as soon as it is made: the safetensors header of every
+shard is known before the merge starts (the output keys, shapes and dtypes are planned first),
+so no shard is buffered in memory. Peak extra memory is the merge's own: with one 64 MiB fp32
+tensor and 3 experts, 4.1x (weight average) to 6.4x (TIES) that tensor; with one 32 MiB bf16
+tensor and 1 expert, 2.2x to 4.1x; measured as the peak resident set
+(``python -m bench.merge_memory``, ``bench/RESULTS.md``).
+
+The output folder gets the shards (``model.safetensors`` when one shard suffices, else
+``model-0000i-of-0000n.safetensors`` and ``model.safetensors.index.json``, as
+``save_pretrained`` names them) and copies of the base's ``config.json``, generation config and
+tokenizer files. It is written under a temporary name beside ``out`` and renamed into place
+only when everything is written: a failed or interrupted merge leaves no output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from .merge_plan import Entry, plan_entries
+from .merging import Progress, merge_spec, merge_tensors
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
+COPIED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+                "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
+                "chat_template.json")
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+          "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+
+def _check_little_endian() -> None:
+    if sys.byteorder != "little":
+        raise RuntimeError("safetensors stores little-endian data; this machine is big-endian")
+
+
+class _SafetensorsFile:
+    """The header of one ``.safetensors`` file, and reads of its tensors."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                if size <= 0 or size > 100 * 2**20:
+                    raise ValueError(f"header length {size}")
+                header = json.loads(f.read(size))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{path} is not a readable safetensors file ({error})") from None
+        header.pop("__metadata__", None)
+        self.data_start = 8 + size
+        self.tensors = {}
+        for key, info in header.items():
+            if info["dtype"] not in DTYPES:
+                raise ValueError(f"{path}: tensor {key!r} has dtype {info['dtype']}, which merging does not "
+                                 f"support (supported: {sorted(DTYPES)})")
+            self.tensors[key] = (tuple(info["shape"]), DTYPES[info["dtype"]], tuple(info["data_offsets"]))
+
+    def read(self, key: str) -> torch.Tensor:
+        shape, dtype, (begin, end) = self.tensors[key]
+        data = torch.empty(end - begin, dtype=torch.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + begin)
+            if end > begin and f.readinto(memoryview(data.numpy())) != end - begin:
+                raise ValueError(f"{self.path}: tensor {key!r} is truncated")
+        return data.view(dtype).reshape(shape)
+
+
+class SafetensorsSource:
+    """A checkpoint on disk as a ``merge_plan.TensorSource``: a folder or a ``.safetensors`` file.
+
+    Args:
+        path: an HF model folder (``model.safetensors`` or ``model.safetensors.index.json`` with its
+            shards) or a ``.safetensors`` file.
+        name: how errors name this input (e.g. ``"experts[1]"``).
+    Raises:
+        FileNotFoundError / ValueError naming the path when it holds no safetensors checkpoint or
+        its index and shards disagree.
+    """
+
+    def __init__(self, path, name: str):
+        _check_little_endian()
+        self.path, self.name = Path(path), name
+        self.folder = self.path if self.path.is_dir() else None
+        self._where: dict[str, _SafetensorsFile] = {}
+        for file in self._files():
+            for key in file.tensors:
+                self._where[key] = file
+
+    def _files(self) -> list[_SafetensorsFile]:
+        path = self.path
+        if path.is_file():
+            if path.suffix != ".safetensors":
+                raise ValueError(f"{self.name}: {path} is not a .safetensors file")
+            return [_SafetensorsFile(path)]
+        if not path.is_dir():
+            raise FileNotFoundError(f"{self.name}: {path} does not exist")
+        index = path / INDEX_NAME
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = {name: _SafetensorsFile(path / name) for name in dict.fromkeys(weight_map.values())}
+            for key, name in weight_map.items():
+                if key not in files[name].tensors:
+                    raise ValueError(f"{self.name}: {index} puts {key!r} in {name}, which does not hold it")
+            return list(files.values())
+        if (path / SINGLE_NAME).is_file():
+            return [_SafetensorsFile(path / SINGLE_NAME)]
+        raise FileNotFoundError(f"{self.name}: {path} holds neither {SINGLE_NAME} nor {INDEX_NAME} "
+                                f"(save the model with save_pretrained(..., safe_serialization=True))")
+
+    def keys(self) -> list[str]:
+        """Keys in file order (shard by shard, each in its header's order)."""
+        return list(self._where)
+
+    def meta(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """(shape, dtype) from the header."""
+        shape, dtype, _ = self._where[key].tensors[key]
+        return shape, dtype
+
+    def load(self, key: str) -> torch.Tensor:
+        """The tensor, read from disk into a new CPU tensor."""
+        return self._where[key].read(key)
+
+
+def _nbytes(entry: Entry) -> int:
+    return entry.numel * torch.empty((), dtype=entry.dtype).element_size()
+
+
+def _shards(entries: Sequence[Entry], max_shard_size: int) -> list[list[Entry]]:
+    """Consecutive entries grouped into shards of at most ``max_shard_size`` bytes of data
+    (a tensor larger than that gets a shard of its own)."""
+    shards, size = [[]], 0
+    for entry in entries:
+        nbytes = _nbytes(entry)
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    return shards
+
+
+def _header(entries: Sequence[Entry]) -> bytes:
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for entry in entries:
+        nbytes = _nbytes(entry)
+        header[entry.key] = {"dtype": DTYPE_NAMES[entry.dtype], "shape": list(entry.shape),
+                             "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
+def _write_shard(path: Path, entries: Sequence[Entry], tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+    with open(path, "wb") as f:
+        f.write(_header(entries))
+        for entry in entries:
+            key, tensor = next(tensors)
+            assert key == entry.key and tuple(tensor.shape) == entry.shape and tensor.dtype == entry.dtype, key
+            f.write(memoryview(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy()))
+            del tensor  # free before the next tensor is made
+
+
+def write_safetensors_folder(folder: Path, entries: Sequence[Entry], tensors: Iterator[tuple[str, torch.Tensor]],
+                             max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> list[str]:
+    """Write ``tensors`` (yielded in ``entries``' order) as shards of an HF folder; returns the file names.
+
+    One shard is ``model.safetensors``; several are ``model-0000i-of-0000n.safetensors`` plus
+    ``model.safetensors.index.json`` (``{"metadata": {"total_size"}, "weight_map"}``).
+    """
+    _check_little_endian()
+    shards = _shards(entries, max_shard_size)
+    names = [SINGLE_NAME] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        _write_shard(folder / name, shard, tensors)
+    if next(tensors, None) is not None:  # also runs the producer to its end, closing its progress bars
+        raise ValueError("tensors yielded more tensors than entries lists")
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(_nbytes(entry) for entry in entries)},
+                 "weight_map": {entry.key: name for name, shard in zip(names, shards) for entry in shard}}
+        (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        names.append(INDEX_NAME)
+    return names
+
+
+def _prepare_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"out: {out} exists and is not an empty folder; choose a new output folder")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"out: the parent folder {out.parent} does not exist")
+
+
+def merge_checkpoints(method: str, base, experts: Sequence, out, *, keys: str = "strict",
+                      non_float: str = "error", promote_dtypes: bool = False,
+                      max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, progress: Progress | None = None,
+                      **options) -> Path:
+    """Merge checkpoints on disk into a new HF model folder ``out``.
+
+    Args:
+        method: ``"weight_average"``, ``"task_arithmetic"``, ``"ties"`` or ``"dare"``.
+        base: path of the base checkpoint (folder or ``.safetensors`` file); for a weight
+            average it may be ``None`` (config and tokenizer then come from ``experts[0]``).
+        experts: K >= 1 paths of expert checkpoints.
+        out: the output folder; it must not exist or be empty.
+        keys / non_float / promote_dtypes: input policies (``merge_plan``).
+        max_shard_size: bytes of tensor data per output shard.
+        progress: ``progress(items, description, total)`` around each pass over the tensors.
+        **options: the merge options of ``merging.merge_spec`` (``scaling``, ``weights``,
+            ``density``, ``per_tensor``, ``exact_count``, ``merge_func``, ``drop_rate``, ``seed``,
+            ``rescale``, ``ties``).
+    Returns:
+        The output folder. The tensors equal those of the ``merging`` function on the same
+        tensors, bit for bit.
+    Raises:
+        ValueError / TypeError / FileNotFoundError / FileExistsError naming the argument, before
+        anything is written; errors during the merge remove everything written.
+    """
+    if isinstance(experts, (str, os.PathLike)) or not experts:
+        raise ValueError("experts must be a non-empty list of checkpoint paths")
+    expert_sources = [SafetensorsSource(path, f"experts[{i}]") for i, path in enumerate(experts)]
+    spec = merge_spec(method, len(expert_sources), **options)
+    if base is None and spec.needs_base:
+        raise ValueError(f"base is required for {method}")
+    base_source = SafetensorsSource(base, "base") if base is not None else None
+    entries = plan_entries(base_source if spec.needs_base else None, expert_sources, keys, non_float, promote_dtypes)
+    if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int) or max_shard_size < 1:
+        raise ValueError(f"max_shard_size must be a positive number of bytes, got {max_shard_size!r}")
+    out = Path(out)
+    _prepare_out(out)
+    tensors = merge_tensors(spec, base_source if spec.needs_base else None, expert_sources, entries, progress)
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    partial.mkdir()
+    try:
+        write_safetensors_folder(partial, entries, iter(tensors), max_shard_size)
+        meta_source = (base_source or expert_sources[0]).folder
+        for name in COPIED_FILES if meta_source is not None else ():
+            if (meta_source / name).is_file():
+                shutil.copyfile(meta_source / name, partial / name)
+        if out.exists():
+            out.rmdir()
+        os.replace(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out

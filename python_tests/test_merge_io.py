@@ -1,0 +1,368 @@
+"""Tests of merging checkpoints on disk: mergopt_kernels.merge_io and the ``merge`` command."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergopt_kernels import merging
+from mergopt_kernels.__main__ import main
+from mergopt_kernels.merge_cli import options_from_config
+from mergopt_kernels.merge_io import SafetensorsSource, merge_checkpoints
+
+safetensors_torch = pytest.importorskip("safetensors.torch")
+from safetensors import safe_open  # noqa: E402
+
+METHODS = {
+    "weight_average": lambda base, experts, **kw: merging.weight_average(experts, **kw),
+    "task_arithmetic": lambda base, experts, **kw: merging.task_arithmetic(base, experts, **kw),
+    "ties": lambda base, experts, **kw: merging.ties_merging(base, experts, **kw),
+    "dare": lambda base, experts, **kw: merging.dare(base, experts, **kw),
+}
+
+
+def read_folder(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an output folder, read with the safetensors library (not our reader)."""
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        out.update(safetensors_torch.load_file(path))
+    return out
+
+
+def assert_equal_state(got, expected):
+    assert set(got) == set(expected)
+    for key in expected:
+        assert got[key].dtype == expected[key].dtype, key
+        assert torch.equal(got[key], expected[key]), key
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny HF model saved by transformers: a base with a tokenizer, three experts (one sharded)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    root = tmp_path_factory.mktemp("hf")
+    seed = torch.seed() % 2**31
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=61, hidden_size=16, intermediate_size=40, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    base = transformers.LlamaForCausalLM(config)
+    base.save_pretrained(root / "base")
+    vocab = {"[UNK]": 0, **{f"w{i}": i + 1 for i in range(60)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]").save_pretrained(root / "base")
+    experts = []
+    for i in range(3):
+        expert = transformers.LlamaForCausalLM(config)
+        with torch.no_grad():
+            for (name, p), q in zip(expert.named_parameters(), base.parameters()):
+                p.copy_(q + 0.02 * torch.randn_like(q))
+        # expert 0 in shards with an index, as save_pretrained writes a model larger than max_shard_size
+        expert.save_pretrained(root / f"expert{i}", max_shard_size="20KB" if i == 0 else "5GB")
+        experts.append(root / f"expert{i}")
+    return {"root": root, "base": root / "base", "experts": experts, "seed": seed}
+
+
+def test_fixture_expert_is_sharded(hf_models):
+    index = json.loads((hf_models["experts"][0] / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_command_round_trip_equals_in_memory_merge(hf_models, method, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    base, experts = hf_models["base"], hf_models["experts"]
+    out = tmp_path / "merged"
+    # max shard size 16 kB: the output is sharded too
+    assert main(["merge", "--method", method, "--base", str(base), "--experts", *map(str, experts),
+                 "--out", str(out), "--max-shard-size", "16kB", "--no-progress"]) == 0
+    expected = METHODS[method](read_folder(base), [read_folder(e) for e in experts])
+    assert_equal_state(read_folder(out), expected)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(expected)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in expected.values())
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    state = model.state_dict()
+    assert all(torch.equal(state[key], value) for key, value in expected.items()), f"seed {hf_models['seed']}"
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (base / name).read_bytes()
+    assert transformers.AutoTokenizer.from_pretrained(out)("w3 w7")["input_ids"] == [4, 8]
+    assert not list(tmp_path.glob(".merged.partial-*"))
+
+
+def test_sharded_and_single_inputs_read_alike(hf_models, tmp_path):
+    """The sharded expert read through its index equals the same tensors saved as one file."""
+    sharded = hf_models["experts"][0]
+    single = tmp_path / "expert0.safetensors"
+    safetensors_torch.save_file(read_folder(sharded), single)
+    a, b = SafetensorsSource(sharded, "a"), SafetensorsSource(single, "b")
+    assert set(a.keys()) == set(b.keys())
+    for key in a.keys():
+        assert a.meta(key) == b.meta(key)
+        assert torch.equal(a.load(key), b.load(key))
+
+
+def test_python_m_entry_point_and_help(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "mergopt_kernels", "merge", "--help"], capture_output=True,
+                            text=True, cwd=Path(__file__).resolve().parent.parent, check=False)
+    assert result.returncode == 0 and "--per-tensor" in result.stdout and "--drop-rate" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Reader and writer against the safetensors library, every dtype and odd shapes
+# ---------------------------------------------------------------------------------------------
+
+def odd_state(seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "f32": torch.randn(7, 13, generator=gen),
+        "bf16": torch.randn(3, 1, 5, generator=gen).to(torch.bfloat16),
+        "f16": torch.randn(11, generator=gen).to(torch.float16),
+        "f64": torch.randn(2, 3, generator=gen, dtype=torch.float64),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+        "ids": torch.arange(9, dtype=torch.int64).view(1, 9),
+        "mask": torch.rand(6, generator=gen) > 0.5,
+        "small": torch.randint(-5, 5, (3,), generator=gen, dtype=torch.int8),
+    }
+
+
+def test_reader_matches_safetensors_library(tmp_path):
+    seed = torch.seed() % 2**31
+    state = odd_state(seed)
+    path = tmp_path / "odd.safetensors"
+    safetensors_torch.save_file(state, path)
+    source = SafetensorsSource(path, "odd")
+    assert set(source.keys()) == set(state)
+    with safe_open(path, framework="pt") as f:
+        for key in state:
+            assert source.meta(key) == (tuple(state[key].shape), state[key].dtype)
+            assert torch.equal(source.load(key), f.get_tensor(key)), key
+
+
+def test_writer_output_reads_back_with_safetensors_library(tmp_path):
+    seed = torch.seed() % 2**31
+    state = odd_state(seed)
+    safetensors_torch.save_file(state, tmp_path / "a.safetensors")
+    out = merge_checkpoints("weight_average", None, [tmp_path / "a.safetensors"], tmp_path / "out", max_shard_size=64)
+    assert_equal_state(read_folder(tmp_path / "out"), state)
+    with safe_open(next(out.glob("model-*.safetensors")), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Equality with the in-memory functions, every option, .safetensors files as inputs
+# ---------------------------------------------------------------------------------------------
+
+def write_models(folder: Path, seed: int, experts: int = 3, dtype=torch.float32, extra=None):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {"emb.weight": (37, 29), "norm.weight": (29,), "head.weight": (5, 29), "head.bias": (1,)}
+    base = {key: torch.randn(shape, generator=gen).to(dtype) for key, shape in shapes.items()}
+    base["position_ids"] = torch.arange(29).view(1, 29)
+    models = [base] + [{key: ((value.float() + 0.05 * torch.randn(value.shape, generator=gen)).to(dtype)
+                              if value.is_floating_point() else value.clone()) for key, value in base.items()}
+                       for _ in range(experts)]
+    if extra is not None:
+        extra(models)
+    paths = []
+    for i, model in enumerate(models):
+        paths.append(folder / f"model{i}.safetensors")
+        safetensors_torch.save_file(model, paths[-1])
+    return paths[0], paths[1:], models[0], models[1:]
+
+
+OPTION_CASES = [
+    ("task_arithmetic", dict(scaling=0.8, weights=[0.5, 1.5, -0.25])),
+    ("ties", dict(scaling=1.0, density=[0.1, 0.5, 0.9], weights=[1.0, 2.0, 0.5])),
+    ("ties", dict(per_tensor=True, merge_func="sum", density=0.3)),
+    ("ties", dict(exact_count=True, density=0.35)),
+    ("dare", dict(drop_rate=[0.2, 0.5, 0.7], seed=2**64 - 5, rescale="l1")),
+    ("dare", dict(ties=True, density=0.4, seed=3, rescale="none")),
+    ("weight_average", dict(weights=[1.0, 2.0, 3.0])),
+]
+
+
+@pytest.mark.parametrize("method, options", OPTION_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_file_merge_equals_in_memory_merge(method, options, dtype, tmp_path):
+    seed = torch.seed() % 2**31
+    base, experts, base_sd, expert_sds = write_models(tmp_path, seed, dtype=dtype)
+    out = merge_checkpoints(method, base, experts, tmp_path / "out", **options)
+    expected = METHODS[method](base_sd, expert_sds, **options)
+    assert_equal_state(read_folder(out), expected)
+
+
+def test_config_file_equals_in_memory_merge(tmp_path):
+    seed = torch.seed() % 2**31
+    base, experts, base_sd, expert_sds = write_models(tmp_path, seed)
+    config = tmp_path / "merge.yaml"
+    config.write_text(f"""
+merge_method: ties
+base_model: {base.name}
+models:
+  - model: {experts[0].name}
+    parameters: {{weight: 1.0, density: 0.3}}
+  - model: {experts[1].name}
+    parameters: {{weight: 0.5, density: 0.6}}
+  - model: {experts[2].name}
+    parameters: {{weight: 2.0, density: 0.1}}
+parameters:
+  lambda: 0.7
+  normalize: false
+  per_tensor: true
+""")
+    assert main(["merge", "--config", str(config), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    expected = merging.ties_merging(base_sd, expert_sds, 0.7, [0.3, 0.6, 0.1], True, weights=[1.0, 0.5, 2.0],
+                                    merge_func="sum")
+    assert_equal_state(read_folder(tmp_path / "out"), expected)
+
+
+def test_config_mergekit_conventions_map_to_options(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({
+        "merge_method": "dare_ties", "conventions": "mergekit", "base_model": "b",
+        "models": [{"model": "x", "parameters": {"weight": 0.5, "density": 0.7}},
+                   {"model": "y", "parameters": {"weight": 1.0, "density": 0.4}}]}))
+    method, base, experts, options = options_from_config(tmp_path / "c.json")
+    assert (method, base, experts) == ("dare", str(tmp_path / "b"), [str(tmp_path / "x"), str(tmp_path / "y")])
+    assert options == dict(scaling=1.0, per_tensor=True, density=1.0, rescale="l1", merge_func="sum", ties=True,
+                           weights=[0.5, 1.0], drop_rate=[pytest.approx(0.3), pytest.approx(0.6)])
+    (tmp_path / "p.json").write_text(json.dumps({"merge_method": "linear", "models": [{"model": "x"}]}))
+    assert options_from_config(tmp_path / "p.json") == ("weight_average", None, [str(tmp_path / "x")], {})
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"merge_method": "slerp", "models": [{"model": "x"}]}, "merge_method must be one of"),
+    ({"merge_method": "ties", "models": []}, "models must be a non-empty list"),
+    ({"merge_method": "ties", "models": [{"model": "x"}], "dtype": "bfloat16"}, r"unknown keys \['dtype'\]"),
+    ({"merge_method": "ties", "models": [{"model": "x"}], "parameters": {"gamma": 1}}, r"unknown parameters"),
+    ({"merge_method": "ties", "models": [{"model": "x", "parameters": {"density": 0.2}}, {"model": "y"}]},
+     "density is set for some models only"),
+    ({"merge_method": "ties", "conventions": "fusion", "models": [{"model": "x"}]}, "conventions must be"),
+])
+def test_config_errors(config, match, tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=match):
+        options_from_config(tmp_path / "c.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors, not silent choices; no half-written output
+# ---------------------------------------------------------------------------------------------
+
+def test_missing_and_extra_keys_are_an_error_listing_them_unless_a_policy_is_chosen(tmp_path):
+    def drop_key(models):
+        del models[2]["head.bias"]
+        models[3]["extra.weight"] = torch.ones(2)
+
+    base, experts, base_sd, expert_sds = write_models(tmp_path, 1, extra=drop_key)
+    with pytest.raises(ValueError, match=r"experts\[1\] does not have the keys of base: missing \['head.bias'\]"):
+        merge_checkpoints("task_arithmetic", base, experts, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    for keys in ("intersection", "union"):
+        out = merge_checkpoints("task_arithmetic", base, experts, tmp_path / keys, keys=keys)
+        assert_equal_state(read_folder(out), merging.task_arithmetic(base_sd, expert_sds, keys=keys))
+    assert "extra.weight" in read_folder(tmp_path / "union") and "head.bias" in read_folder(tmp_path / "union")
+    assert "head.bias" not in read_folder(tmp_path / "intersection")
+
+
+def test_differing_non_float_entry_is_an_error_naming_it(tmp_path, capsys):
+    def shift_ids(models):
+        models[2]["position_ids"] = models[2]["position_ids"] + 1
+
+    base, experts, base_sd, expert_sds = write_models(tmp_path, 2, extra=shift_ids)
+    with pytest.raises(ValueError, match=r"non-float entry 'position_ids' differs between base and experts\[1\]"):
+        merge_checkpoints("ties", base, experts, tmp_path / "out")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["merge", "--method", "ties", "--base", str(base), "--experts", *map(str, experts),
+              "--out", str(tmp_path / "out"), "--no-progress"])
+    assert exit_info.value.code == 2 and "position_ids" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    out = merge_checkpoints("ties", base, experts, tmp_path / "out", non_float="base")
+    assert torch.equal(read_folder(out)["position_ids"], base_sd["position_ids"])
+
+
+def test_dtype_mismatch_is_refused_or_promoted(tmp_path):
+    def to_double(models):
+        models[1]["norm.weight"] = models[1]["norm.weight"].double()
+
+    base, experts, base_sd, expert_sds = write_models(tmp_path, 3, extra=to_double)
+    with pytest.raises(TypeError, match=r"experts\[0\]\['norm.weight'\] has dtype torch.float64, "
+                                        r"base\['norm.weight'\] has torch.float32 \(promote_dtypes=True"):
+        merge_checkpoints("task_arithmetic", base, experts, tmp_path / "out")
+    out = merge_checkpoints("task_arithmetic", base, experts, tmp_path / "out", promote_dtypes=True)
+    merged = read_folder(out)
+    assert merged["norm.weight"].dtype == torch.float64
+    assert_equal_state(merged, merging.task_arithmetic(base_sd, expert_sds, promote_dtypes=True))
+
+
+def test_failed_merge_leaves_no_output_folder(tmp_path):
+    """An expert file truncated after its header fails mid-merge, after the first tensors are written."""
+    base, experts, _, _ = write_models(tmp_path, 4)
+    data = experts[1].read_bytes()
+    experts[1].write_bytes(data[:-40])
+    with pytest.raises(ValueError, match="truncated"):
+        merge_checkpoints("task_arithmetic", base, experts, tmp_path / "out", max_shard_size=1)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_existing_output_and_bad_inputs_are_refused_before_writing(tmp_path):
+    base, experts, _, _ = write_models(tmp_path, 5)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="out: .* exists and is not an empty folder"):
+        merge_checkpoints("ties", base, experts, tmp_path / "out")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"experts\[1\]: .* holds neither model.safetensors nor "
+                                                r"model.safetensors.index.json"):
+        merge_checkpoints("ties", base, [experts[0], tmp_path / "empty"], tmp_path / "new")
+    with pytest.raises(ValueError, match="base is required for ties"):
+        merge_checkpoints("ties", None, experts, tmp_path / "new")
+    with pytest.raises(ValueError, match="density must be in"):
+        merge_checkpoints("ties", base, experts, tmp_path / "new", density=0.0)
+    assert not (tmp_path / "new").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: peak extra memory within 3 x (experts + 1) x the largest tensor, measured
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to measure peak memory")
+@pytest.mark.parametrize("method, options", [("ties", {}), ("ties", {"exact_count": True}),
+                                             ("task_arithmetic", {}), ("dare", {"ties": True})])
+def test_peak_memory_within_bound(method, options, tmp_path):
+    from bench.merge_memory import measure, write_models as write_large
+
+    numel, count = 1 << 22, 3                        # a 16 MiB fp32 tensor, 3 experts
+    base, experts = write_large(tmp_path, numel, count)
+    result = measure(method, base, experts, tmp_path / "out", options)
+    assert result["extra_bytes"] <= 3 * (count + 1) * numel * 4, result
+    assert_equal_state(read_folder(tmp_path / "out"),
+                       METHODS[method](safetensors_torch.load_file(base),
+                                       [safetensors_torch.load_file(p) for p in experts], **options))
+
+
+def test_readme_merge_snippet(tmp_path, monkeypatch):
+    from test_snippets import snippet
+
+    seed = torch.seed() % 2**31
+    _, _, base_sd, expert_sds = write_models(tmp_path, seed, experts=2)
+    for name, sd in zip(("base", "expert_math", "expert_code"), [base_sd, *expert_sds]):
+        (tmp_path / name).mkdir()
+        safetensors_torch.save_file(sd, tmp_path / name / "model.safetensors")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet("merge"), "<snippet merge>", "exec"), {})
+    assert_equal_state(read_folder(tmp_path / "merged"), merging.ties_merging(base_sd, expert_sds, 0.3, 0.2))
