@@ -59,22 +59,28 @@ def test_known_answer_vectors(counter, key, expected):
     assert tuple(int(w) for w in numpy_philox.philox(key[0], key[1], *counter)) == expected
 
 
-@pytest.mark.parametrize("counter,key,expected", KAT)
-def test_known_answer_vectors_triton(counter, key, expected):
-    @triton.jit
-    def kat_kernel(out_ptr, seed, c0, c1, c2, c3):
-        zero = tl.zeros([1], dtype=tl.uint32)
-        w0, w1, w2, w3 = tl.philox(seed, zero + c0, zero + c1, zero + c2, zero + c3)
-        tl.store(out_ptr + tl.arange(0, 1), w0.to(tl.int64))
-        tl.store(out_ptr + 1 + tl.arange(0, 1), w1.to(tl.int64))
-        tl.store(out_ptr + 2 + tl.arange(0, 1), w2.to(tl.int64))
-        tl.store(out_ptr + 3 + tl.arange(0, 1), w3.to(tl.int64))
+@triton.jit
+def _kat_kernel(out_ptr, seed, c0, c1, c2, c3):
+    zero = tl.zeros([1], dtype=tl.uint32)
+    w0, w1, w2, w3 = tl.philox(seed, zero + c0, zero + c1, zero + c2, zero + c3)
+    tl.store(out_ptr + tl.arange(0, 1), w0.to(tl.int64))
+    tl.store(out_ptr + 1 + tl.arange(0, 1), w1.to(tl.int64))
+    tl.store(out_ptr + 2 + tl.arange(0, 1), w2.to(tl.int64))
+    tl.store(out_ptr + 3 + tl.arange(0, 1), w3.to(tl.int64))
 
+
+def triton_kat(counter, key):
+    """The four words of tl.philox for a counter (c0..c3) and key (k0, k1) of uint32 values."""
     seed = key[0] | (key[1] << 32)
     out = torch.zeros(4, dtype=torch.int64)
     signed_counter = [c - (1 << 32) if c >= 1 << 31 else c for c in counter]
-    kat_kernel[(1,)](out, seed - (1 << 64) if seed >= 1 << 63 else seed, *signed_counter)
-    assert tuple(int(w) & 0xFFFFFFFF for w in out) == expected
+    _kat_kernel[(1,)](out, noise.seed_as_int64(seed), *signed_counter)
+    return tuple(int(w) & 0xFFFFFFFF for w in out)
+
+
+@pytest.mark.parametrize("counter,key,expected", KAT)
+def test_known_answer_vectors_triton(counter, key, expected):
+    assert triton_kat(counter, key) == expected
 
 
 @pytest.mark.parametrize("start,count", [(0, 1), (3, 7), (1021, 4099), (2**33 + 5, 13)])
@@ -132,19 +138,28 @@ def test_extreme_words_give_finite_noise():
     assert torch.isfinite(noise.gaussian_from_words(pairs, 0.0, 1.0)).all()
 
 
-def test_extreme_words_triton():
-    @triton.jit
-    def edge_kernel(words_ptr, out_ptr, BLOCK: tl.constexpr):
-        words = tl.load(words_ptr + tl.arange(0, BLOCK)).to(tl.uint32)
-        tl.store(out_ptr + tl.arange(0, BLOCK), triton_noise._laplace(words, 0.0, 1.0))
-        a, b = triton_noise._gaussian_pair(words, words, 0.0, 1.0)
-        tl.store(out_ptr + BLOCK + tl.arange(0, BLOCK), a)
-        tl.store(out_ptr + 2 * BLOCK + tl.arange(0, BLOCK), b)
+@triton.jit
+def _edge_kernel(words_ptr, out_ptr, BLOCK: tl.constexpr):
+    words = tl.load(words_ptr + tl.arange(0, BLOCK)).to(tl.uint32)
+    tl.store(out_ptr + tl.arange(0, BLOCK), triton_noise._laplace(words, 0.0, 1.0))
+    a, b = triton_noise._gaussian_pair(words, words, 0.0, 1.0)
+    tl.store(out_ptr + BLOCK + tl.arange(0, BLOCK), a)
+    tl.store(out_ptr + 2 * BLOCK + tl.arange(0, BLOCK), b)
 
-    edge = torch.tensor([0, 1, 0xFF, 0x100, 0x7FFFFFFF, 0x80000000, 0xFFFFFF00, 0xFFFFFFFF], dtype=torch.int64)
-    out = torch.empty(3 * 8)
-    edge_kernel[(1,)](edge.to(torch.int32), out, BLOCK=8)
-    assert torch.isfinite(out).all()
+
+EDGE_WORDS = (0, 1, 0xFF, 0x100, 0x7FFFFFFF, 0x80000000, 0xFFFFFF00, 0xFFFFFFFF)
+
+
+def triton_edge_noise(words):
+    """Laplace, then the two Box-Muller outputs of (w, w), of a power-of-two count of words (fp32)."""
+    edge = torch.tensor(words, dtype=torch.int64).to(torch.int32)
+    out = torch.empty(3 * len(words))
+    _edge_kernel[(1,)](edge, out, BLOCK=len(words))
+    return out
+
+
+def test_extreme_words_triton():
+    assert torch.isfinite(triton_edge_noise(EDGE_WORDS)).all()
 
 
 @pytest.mark.parametrize("distribution,cdf", [("laplace", scipy.stats.laplace.cdf), ("gaussian", scipy.stats.norm.cdf)])
@@ -184,3 +199,18 @@ def test_step_scale_matches_numpy_and_covers_the_grid(fresh_seed):
     # 42 equally likely (K, alpha) pairs in 399 draws: all but a handful appear.
     assert len(seen) >= 38
     assert all(1 <= k <= 7 for k, _ in seen)
+
+
+def aot_launches(record):
+    """The launches this file's kernels make, recorded by ``record(kernel, launch, label)`` of
+    ``mergopt_kernels.ops.triton_aot`` for the ahead-of-time compile test."""
+    launches = []
+    for block_g in (16, 64, 256):
+        for distribution in ("laplace", "gaussian"):
+            for seed in (12345, 2**64 - 3):  # int32 and int64 seed arguments
+                launches += record(_dump_kernel, lambda: triton_dump(seed, 5, 9, 2**31 - 3, 256, block_g, distribution),
+                                   f"test _dump_kernel BLOCK_G={block_g} {distribution} seed={seed:#x}")
+    for counter, key, _ in KAT:
+        launches += record(_kat_kernel, lambda: triton_kat(counter, key), f"test _kat_kernel key={key}")
+    launches += record(_edge_kernel, lambda: triton_edge_noise(EDGE_WORDS), "test _edge_kernel")
+    return launches

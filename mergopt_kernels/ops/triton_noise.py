@@ -7,8 +7,8 @@ definition. ``tl.philox`` is Triton's Philox4x32-10 with key (seed lo32, seed hi
 import triton
 import triton.language as tl
 
-SCALE_STREAM: tl.constexpr = 0xFFFFFFFF
-TWO_PI: tl.constexpr = 6.283185307179586
+SCALE_STREAM = tl.constexpr(0xFFFFFFFF)
+TWO_PI = tl.constexpr(6.283185307179586)
 
 
 @triton.jit

@@ -19,18 +19,18 @@ from .. import noise
 from . import triton_noise
 
 # Columns of the tensor table (int64): one row per tensor.
-F_PARAM: tl.constexpr = 0
-F_GRAD: tl.constexpr = 1
-F_EXP_AVG: tl.constexpr = 2
-F_EXP_AVG_SQ: tl.constexpr = 3
-F_MAX_EXP_AVG_SQ: tl.constexpr = 4
-F_MASTER: tl.constexpr = 5
-F_STEP: tl.constexpr = 6
-F_NUMEL: tl.constexpr = 7
-F_PARAM_ID: tl.constexpr = 8
-F_INDEX_BASE: tl.constexpr = 9
-F_HAS_GRAD: tl.constexpr = 10
-NUM_FIELDS: tl.constexpr = 11
+F_PARAM = tl.constexpr(0)
+F_GRAD = tl.constexpr(1)
+F_EXP_AVG = tl.constexpr(2)
+F_EXP_AVG_SQ = tl.constexpr(3)
+F_MAX_EXP_AVG_SQ = tl.constexpr(4)
+F_MASTER = tl.constexpr(5)
+F_STEP = tl.constexpr(6)
+F_NUMEL = tl.constexpr(7)
+F_PARAM_ID = tl.constexpr(8)
+F_INDEX_BASE = tl.constexpr(9)
+F_HAS_GRAD = tl.constexpr(10)
+NUM_FIELDS = tl.constexpr(11)
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
