@@ -198,7 +198,7 @@ def step_launches(options: dict) -> list[Launch]:
         triton_step.fused_step(
             params, [torch.zeros_like(p) for p in params], fp32, [f.clone() for f in fp32],
             [f.clone() for f in fp32] if amsgrad else [], [f.clone() for f in fp32] if full["master"] else [],
-            [torch.ones(()) for _ in sizes], list(range(len(sizes))), [0, 3, 10], full["seed"],
+            [torch.ones(()) for _ in sizes], list(range(len(sizes))), [3, 10, 0], full["seed"],
             torch.ones(1, dtype=torch.int64), lr, 0.9, 0.999, 1e-8, 1e-2, amsgrad, full["maximize"], 0.0,
             0.0 if full["noise"] == "off" else 5e-4, (0.1, 0.2, 0.3, 0.4, 0.5, 0.6), 7,
             "laplace" if full["noise"] == "off" else full["noise"], restore, apply_offset)
@@ -249,8 +249,27 @@ def compile_all(pairs: list[tuple[Launch, int]], workers: int, keep_sass: bool =
         return list(pool.map(_compile_job, jobs))
 
 
+def coverage(launches: list[Launch], arch: int = 90) -> set:
+    """(kernel, parameter, type or constexpr value, attributes) of every parameter of every launch."""
+    seen = set()
+    for launch in launches:
+        source, _, _ = bind(launch, arch)
+        for index, (name, kind) in enumerate(source.signature.items()):
+            value = source.constants.get((index,), kind)
+            seen.add((launch.kernel, name, repr(value), repr(source.attrs.get((index,)))))
+    return seen
+
+
+def one_option_at_a_time() -> list[Launch]:
+    """Launches with each STEP_OPTIONS value once, the others at their defaults."""
+    return [launch for name, values in STEP_OPTIONS.items() for value in values
+            for launch in step_launches({name: value})]
+
+
 def main(argv=None) -> int:
-    """Compile the CI subset or the full set; print one line per variant; exit 1 on any error or spill."""
+    """Compile the CI subset or the full set; print one line per variant; exit 1 on any compile
+    error or spill, or when the CI subset misses a parameter type or constexpr value that some
+    single launcher option produces."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--set", choices=("ci", "full"), default="ci")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
@@ -261,15 +280,20 @@ def main(argv=None) -> int:
 
     options = CI_STEP_VARIANTS if args.set == "ci" else list(all_step_options())
     launches = [launch for o in options for launch in step_launches(o)] + test_kernel_launches()
+    failures = 0
+    if args.set == "ci":
+        missing = coverage(one_option_at_a_time()) - coverage(launches)
+        for kernel, name, value, attrs in sorted(missing):
+            print(f"FAIL not covered by the CI subset: {kernel} {name} = {value} {attrs}")
+        failures += len(missing)
     pairs = unique(launches)
     results = compile_all(pairs, args.workers)
-    failures = 0
     for r in results:
         bad = r.error is not None or r.local_bytes > 0 or r.spills > 0
         failures += bad
         status = r.error or f"{r.registers} registers, {r.local_bytes} B local, {r.spills} spill instructions"
         print(f"{'FAIL' if bad else 'ok  '} sm_{r.arch} {r.label}: {status}", flush=True)
-    print(f"{len(results)} variants (triton {triton.__version__}), {failures} failed")
+    print(f"{len(results)} variants compiled (triton {triton.__version__}), {failures} failures")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([dataclasses.asdict(r) | {"spills": r.spills} for r in results], f, indent=1)
