@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from mergopt_kernels import noise
-from mergopt_kernels.ops import triton_noise
+from mergopt_kernels.ops import triton_noise, triton_step
 
 import numpy_philox
 
@@ -145,7 +145,7 @@ def _transform_kernel(words_a_ptr, words_b_ptr, out_ptr, GAUSSIAN: tl.constexpr,
 def triton_transform(words_a, words_b, distribution):
     """Laplace of words_a, or the Box-Muller pairs of (words_a, words_b), from the Triton
     functions (int64 tensors of uint32 words whose length is a multiple of 2**16)."""
-    block = 1 << 16
+    block = 1 << 16 if triton_step.interpreted() else 1024  # the interpreter pays per program
     gaussian = distribution == "gaussian"
     out = torch.empty(len(words_a) * (2 if gaussian else 1))
     _transform_kernel[(len(words_a) // block,)](words_a.to(torch.int32), words_b.to(torch.int32), out,
