@@ -287,6 +287,9 @@ def fused_step(params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Te
     lr_is_tensor = isinstance(lr, torch.Tensor)
     # Host scalars in double, rounded once to the fp32 the kernel takes (as torch rounds them).
     ln_beta1, ln_beta2 = (math.log(b) if b > 0.0 else -math.inf for b in (beta1, beta2))
+    # Options that change nothing (noise off; a restore with masters, which hold theta) are
+    # passed as one value each: fewer kernel variants to compile.
+    noisy = noise_scale != 0.0
     for blocks, full, groups in ((full_blocks, True, block_groups[0]), (edge_blocks, False, block_groups[1])):
         if blocks.shape[0] == 0:
             continue
@@ -297,8 +300,8 @@ def fused_step(params: Sequence[torch.Tensor], grads: Sequence[Optional[torch.Te
             float(beta2), 1.0 - beta2, ln_beta1, ln_beta2, float(eps), float(weight_decay),
             float(noise_loc), float(noise_scale), alphas.numel(), int(k_max),
             PARAM_DTYPE=_TL_DTYPES[params[0].dtype], HAS_MASTER=bool(masters), AMSGRAD=bool(amsgrad),
-            MAXIMIZE=bool(maximize), NOISY=noise_scale != 0.0, RESTORE=bool(restore),
-            APPLY_OFFSET=int(apply_offset), GAUSSIAN=distribution == "gaussian",
+            MAXIMIZE=bool(maximize), NOISY=noisy, RESTORE=noisy and bool(restore) and not masters,
+            APPLY_OFFSET=int(apply_offset) if noisy else -1, GAUSSIAN=noisy and distribution == "gaussian",
             LR_IS_TENSOR=lr_is_tensor,
             ROUND_BF16_FIRST=interpreted() and params[0].dtype == torch.bfloat16,
             FULL=full, BLOCK_G=groups,
