@@ -102,6 +102,13 @@ def table(rows: list[dict]) -> str:
         + ", ".join(f"{name} {value:.1f} instructions/byte" for name, value in balance.items())
         + f". Target: at most {TARGET_PER_BYTE:.0f} instructions/byte.",
         "",
+        "Alignment: the launcher checks on the host that every address of a tensor is 16-byte aligned and "
+        "its index base a multiple of 4; only then do its interior blocks run the full-block kernel, which "
+        "states the alignment to the compiler with `tl.multiple_of`. fp32 columns get 128-bit accesses, 16-bit "
+        "columns 64-bit ones (four elements per access in every column keeps one register layout: no shuffle "
+        "through shared memory). Other LDG/STG are the per-block table and scalar loads. Compiled for sm_80 "
+        "and on triton 3.6 the same variants have no spills either (`python -m mergopt_kernels.ops.triton_aot`).",
+        "",
         "| variant | registers | spills | shared B | LDG/STG 128-bit | 64-bit | 32-bit and narrower | fp64 ops "
         "| barriers+LDS/STS | instr/element | bytes/element | instr/byte | memory-bound on |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",

@@ -66,17 +66,18 @@ def _one_minus_pow(ln_base, exponent):
     zero base), without the cancellation of 1 - pow: a Taylor series of expm1 where
     |x| < 1 (truncation below 2**-28), 1 - exp(x) beyond (result above 0.63)."""
     x = exponent * ln_base
-    series = x * (1.0 / 39916800) + 1.0 / 3628800      # sum of x**j / (j + 1)!, j = 0..10
-    series = series * x + 1.0 / 362880
-    series = series * x + 1.0 / 40320
-    series = series * x + 1.0 / 5040
-    series = series * x + 1.0 / 720
-    series = series * x + 1.0 / 120
-    series = series * x + 1.0 / 24
-    series = series * x + 1.0 / 6
-    series = series * x + 0.5
-    series = series * x + 1.0
-    return tl.where(x > -1.0, -(x * series), 1.0 - tl.exp(x))
+    s = tl.maximum(x, -1.0)                             # the series' branch only: no overflow
+    series = s * (1.0 / 39916800) + 1.0 / 3628800      # sum of s**j / (j + 1)!, j = 0..10
+    series = series * s + 1.0 / 362880
+    series = series * s + 1.0 / 40320
+    series = series * s + 1.0 / 5040
+    series = series * s + 1.0 / 720
+    series = series * s + 1.0 / 120
+    series = series * s + 1.0 / 24
+    series = series * s + 1.0 / 6
+    series = series * s + 0.5
+    series = series * s + 1.0
+    return tl.where(x > -1.0, -(s * series), 1.0 - tl.exp(x))
 
 
 @triton.jit
