@@ -43,3 +43,13 @@ def step_scale(seed, step, alphas, k_max):
     alpha = alphas[(int(w0) * len(alphas)) >> 32]
     k = 1 + ((int(w1) * k_max) >> 32)
     return k, alpha
+
+
+def gaussian(words, loc, scale):
+    """Box-Muller samples in float64 from uint32 words whose consecutive pairs are (w0, w1), (w2, w3) of a call."""
+    pairs = np.asarray(words, dtype=np.uint32).reshape(-1, 2)
+    u1 = ((pairs[:, 0] >> 8).astype(np.float64) + 1.0) / 2.0**24
+    u2 = (pairs[:, 1] >> 8).astype(np.float64) / 2.0**24
+    radius = np.sqrt(-2.0 * np.log(u1))
+    normal = np.stack([radius * np.cos(2 * np.pi * u2), radius * np.sin(2 * np.pi * u2)], axis=1)
+    return loc + scale * normal.reshape(-1)

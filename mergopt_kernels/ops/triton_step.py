@@ -1,13 +1,17 @@
 """The fused MergOPT step as one multi-tensor Triton kernel.
 
-One launch handles every tensor of a (param group, device, dtype) bucket: a tensor table holds
+Two launches handle every tensor of a (param group, device, dtype) bucket: a tensor table holds
 each tensor's addresses and metadata, a block table maps each program to (tensor, first group).
 Blocks are aligned on the noise stream's four-element groups of the *global* element index, so
-a shard that starts mid-group (uneven FSDP shards) is handled by masking.
+a shard that starts mid-group (uneven FSDP shards) is handled by masking. Full blocks (inside
+an aligned tensor) run a kernel variant without masks and with 128-bit accesses; the rest (each
+tensor's last partial block, misaligned tensors) run the masked variant in smaller blocks.
+``bench/kernel_cost.py`` reports the compiled code's instructions per byte.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional, Sequence
 
@@ -20,18 +24,19 @@ from . import step_args, triton_noise
 from .step_args import FusedStepArgs
 
 # Columns of the tensor table (int64): one row per tensor.
-F_PARAM: tl.constexpr = 0
-F_GRAD: tl.constexpr = 1
-F_EXP_AVG: tl.constexpr = 2
-F_EXP_AVG_SQ: tl.constexpr = 3
-F_MAX_EXP_AVG_SQ: tl.constexpr = 4
-F_MASTER: tl.constexpr = 5
-F_STEP: tl.constexpr = 6
-F_NUMEL: tl.constexpr = 7
-F_PARAM_ID: tl.constexpr = 8
-F_INDEX_BASE: tl.constexpr = 9
-F_HAS_GRAD: tl.constexpr = 10
-NUM_FIELDS: tl.constexpr = 11
+F_PARAM = tl.constexpr(0)
+F_GRAD = tl.constexpr(1)
+F_EXP_AVG = tl.constexpr(2)
+F_EXP_AVG_SQ = tl.constexpr(3)
+F_MAX_EXP_AVG_SQ = tl.constexpr(4)
+F_MASTER = tl.constexpr(5)
+F_STEP = tl.constexpr(6)
+F_NUMEL = tl.constexpr(7)
+F_PARAM_ID = tl.constexpr(8)
+F_INDEX_BASE = tl.constexpr(9)
+F_HAS_GRAD = tl.constexpr(10)
+NUM_FIELDS = tl.constexpr(11)
+_POINTER_FIELDS = (F_PARAM, F_GRAD, F_EXP_AVG, F_EXP_AVG_SQ, F_MAX_EXP_AVG_SQ, F_MASTER)
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -41,22 +46,39 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _groups_per_block(largest_numel: int) -> int:
-    """Four-element groups per program: 256 on a GPU (1024 elements, 4 warps). The interpreter
-    pays per program instead, so there a block is as large as the largest tensor (capped)."""
+def _groups_per_block(largest_numel: int) -> tuple[int, int]:
+    """Four-element groups per program of full blocks and of edge blocks.
+
+    On a GPU 512 and 128 (4 warps: 16 elements per thread in full blocks, which spreads the
+    per-block scalars thinly at about 126 registers; 4 in the masked edge blocks, whose int32
+    masks would otherwise need about 250 registers). The interpreter pays per program instead,
+    so there both are half the largest tensor (capped), which still sends that tensor's leading
+    blocks through the full-block path.
+    """
     if not interpreted():
-        return 256
-    return min(1 << 14, max(16, triton.next_power_of_2((largest_numel + 3) // 4 + 1)))
+        return 512, 128
+    groups = min(1 << 14, max(16, triton.next_power_of_2((largest_numel + 3) // 4) // 2))
+    return groups, groups
 
 
 @triton.jit
-def _power(base, exponent):
-    """base ** exponent for an fp64 [1] base and a non-negative int32 exponent, by squaring."""
-    result = tl.full([1], 1.0, tl.float64)
-    for bit in tl.static_range(31):
-        result = tl.where(((exponent >> bit) & 1) == 1, result * base, result)
-        base = base * base
-    return result
+def _one_minus_pow(ln_base, exponent):
+    """1 - base**exponent = -expm1(exponent * ln(base)) in fp32 for ln(base) <= 0 (-inf for a
+    zero base), without the cancellation of 1 - pow: a Taylor series of expm1 where
+    |x| < 1 (truncation below 2**-28), 1 - exp(x) beyond (result above 0.63)."""
+    x = exponent * ln_base
+    s = tl.maximum(x, -1.0)                             # the series' branch only: no overflow
+    series = s * (1.0 / 39916800) + 1.0 / 3628800      # sum of s**j / (j + 1)!, j = 0..10
+    series = series * s + 1.0 / 362880
+    series = series * s + 1.0 / 40320
+    series = series * s + 1.0 / 5040
+    series = series * s + 1.0 / 720
+    series = series * s + 1.0 / 120
+    series = series * s + 1.0 / 24
+    series = series * s + 1.0 / 6
+    series = series * s + 0.5
+    series = series * s + 1.0
+    return tl.where(x > -1.0, -(s * series), 1.0 - tl.exp(x))
 
 
 @triton.jit
@@ -69,84 +91,108 @@ def _round_to_bf16_nearest_even(x):
     return tl.where(x != x, x, rounded.to(tl.float32, bitcast=True))
 
 
-@triton.jit(do_not_specialize=["seed", "lr", "beta1", "beta2", "eps", "weight_decay",
-                               "noise_loc", "noise_scale", "n_alphas", "k_max"])
+@triton.jit
+def _column(row, column, dtype: tl.constexpr, start, FULL: tl.constexpr):
+    """Pointer to ``dtype`` at local element ``start`` of the tensor whose address is in
+    ``column`` of the tensor table; aligned for four-element accesses in full blocks (the
+    launcher sends only 16-byte aligned tensors there, and start is a multiple of the block)."""
+    pointer = tl.load(row + column).to(tl.pointer_type(dtype)) + start
+    if FULL:
+        # On the pointer (a hint on the int64 is lost in the cast). Four elements per access
+        # whatever the dtype, so that fp32 and 16-bit tensors share one register layout (eight
+        # 16-bit elements per 128-bit access would need a shuffle through shared memory).
+        pointer = tl.multiple_of(pointer, 4 * dtype.primitive_bitwidth // 8)
+    return pointer
+
+
+@triton.jit(do_not_specialize=["seed", "lr", "beta1", "weight1", "beta2", "weight2", "ln_beta1",
+                               "ln_beta2", "eps", "weight_decay", "noise_loc", "noise_scale", "n_alphas",
+                               "k_max"])
 def _fused_step_kernel(
     # Pointers
     tensor_table_ptr, block_table_ptr, noise_step_ptr, alphas_ptr, lr_ptr,
     # Scalars
-    seed, lr, beta1, beta2, eps, weight_decay, noise_loc, noise_scale, n_alphas, k_max,
+    seed, lr, beta1, weight1, beta2, weight2, ln_beta1, ln_beta2, eps, weight_decay,
+    noise_loc, noise_scale, n_alphas, k_max,
     # Meta-parameters
     PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr, NOISY: tl.constexpr, RESTORE: tl.constexpr,
     APPLY_OFFSET: tl.constexpr, GAUSSIAN: tl.constexpr, LR_IS_TENSOR: tl.constexpr,
-    ROUND_BF16_FIRST: tl.constexpr, BLOCK_G: tl.constexpr,
+    ROUND_BF16_FIRST: tl.constexpr, FULL: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
+    """One block of 4 * BLOCK_G elements of one tensor. FULL blocks lie inside their tensor,
+    start at a local index that is a multiple of 4 * BLOCK_G and have 16-byte aligned
+    addresses: no masks, 128-bit accesses. Other blocks are masked element by element."""
     block = tl.program_id(0).to(tl.int64)
     tensor = tl.load(block_table_ptr + 2 * block)
     first_group = tl.load(block_table_ptr + 2 * block + 1)
     row = tensor_table_ptr + tensor * NUM_FIELDS
-    param_ptr = tl.load(row + F_PARAM).to(tl.pointer_type(PARAM_DTYPE))
-    numel = tl.load(row + F_NUMEL)
     param_id = tl.load(row + F_PARAM_ID)
-    index_base = tl.load(row + F_INDEX_BASE)
     has_grad = tl.load(row + F_HAS_GRAD)
-
-    local = 4 * first_group + tl.arange(0, 4 * BLOCK_G).to(tl.int64) - index_base
-    mask = (local >= 0) & (local < numel)
+    # Local index of the block's first element (negative for a shard starting mid-group); the
+    # pointers below point there, so that the per-element offsets fit in int32.
+    start = 4 * first_group - tl.load(row + F_INDEX_BASE)
+    param_ptr = _column(row, F_PARAM, PARAM_DTYPE, start, FULL)
+    offsets = tl.arange(0, 4 * BLOCK_G)
+    if FULL:
+        mask = None
+    else:
+        first = tl.minimum(tl.maximum(-start, 0), 4 * BLOCK_G).to(tl.int32)
+        stop = tl.minimum(tl.load(row + F_NUMEL) - start, 4 * BLOCK_G).to(tl.int32)
+        mask = (offsets >= first) & (offsets < stop)
     noise_step = tl.load(noise_step_ptr)
 
     if HAS_MASTER:
-        master_ptr = tl.load(row + F_MASTER).to(tl.pointer_type(tl.float32))
-        theta = tl.load(master_ptr + local, mask=mask)
+        master_ptr = _column(row, F_MASTER, tl.float32, start, FULL)
+        theta = tl.load(master_ptr + offsets, mask=mask)
     else:
-        theta = tl.load(param_ptr + local, mask=mask).to(tl.float32)
+        theta = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
         if NOISY and RESTORE:
             scale_now = triton_noise.step_scale(seed, noise_step, alphas_ptr, n_alphas, k_max)
             theta -= scale_now * triton_noise.element_noise(
                 seed, param_id, noise_step, first_group, noise_loc, noise_scale, BLOCK_G, GAUSSIAN)
 
     if has_grad != 0:
-        grad_ptr = tl.load(row + F_GRAD).to(tl.pointer_type(PARAM_DTYPE))
-        exp_avg_ptr = tl.load(row + F_EXP_AVG).to(tl.pointer_type(tl.float32))
-        exp_avg_sq_ptr = tl.load(row + F_EXP_AVG_SQ).to(tl.pointer_type(tl.float32))
-        step = tl.load(tl.load(row + F_STEP).to(tl.pointer_type(tl.float32))).to(tl.int32)
+        grad_ptr = _column(row, F_GRAD, PARAM_DTYPE, start, FULL)
+        exp_avg_ptr = _column(row, F_EXP_AVG, tl.float32, start, FULL)
+        exp_avg_sq_ptr = _column(row, F_EXP_AVG_SQ, tl.float32, start, FULL)
+        step = tl.load(tl.load(row + F_STEP).to(tl.pointer_type(tl.float32)))
         if LR_IS_TENSOR:
-            lr_value = tl.load(lr_ptr).to(tl.float64)
+            lr_value = tl.load(lr_ptr)
         else:
-            lr_value = tl.cast(lr, tl.float64)
-        beta1_64 = tl.cast(beta1, tl.float64)
-        beta2_64 = tl.cast(beta2, tl.float64)
-        bias_correction1 = 1.0 - _power(tl.full([1], 1.0, tl.float64) * beta1_64, step)
-        bias_correction2_sqrt = tl.sqrt(1.0 - _power(tl.full([1], 1.0, tl.float64) * beta2_64, step))
-        step_size = (lr_value / bias_correction1).to(tl.float32)
-        decay = (1.0 - lr_value * tl.cast(weight_decay, tl.float64)).to(tl.float32)
-        weight1 = (1.0 - beta1_64).to(tl.float32)
-        beta2_32 = tl.cast(beta2, tl.float32)
-        weight2 = (1.0 - beta2_64).to(tl.float32)
+            lr_value = tl.cast(lr, tl.float32)
+        # Per-block scalars in fp32, as torch rounds them: step size, decay, sqrt(1 - beta2^t).
+        step_size = tl.div_rn(lr_value, _one_minus_pow(tl.cast(ln_beta1, tl.float32), step))
+        # torch divides by sqrt(1 - beta2^t); one reciprocal per block and a multiply per element
+        # differ from that by at most an ulp of the quotient.
+        inv_bias_correction2_sqrt = tl.div_rn(1.0, tl.sqrt_rn(_one_minus_pow(tl.cast(ln_beta2, tl.float32), step)))
+        decay = 1.0 - lr_value * tl.cast(weight_decay, tl.float32)
+        weight1_32 = tl.cast(weight1, tl.float32)
 
-        grad = tl.load(grad_ptr + local, mask=mask).to(tl.float32)
+        grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
         if MAXIMIZE:
             grad = -grad
-        exp_avg = tl.load(exp_avg_ptr + local, mask=mask)
-        exp_avg_sq = tl.load(exp_avg_sq_ptr + local, mask=mask)
+        exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask)
+        exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask)
         theta = theta * decay
         # torch's lerp: start + w (end - start) for w < 0.5, else end - (end - start)(1 - w).
-        exp_avg = tl.where(weight1 < 0.5, exp_avg + weight1 * (grad - exp_avg),
-                           grad - (grad - exp_avg) * (1.0 - weight1))
-        exp_avg_sq = exp_avg_sq * beta2_32 + weight2 * grad * grad
-        tl.store(exp_avg_ptr + local, exp_avg, mask=mask)
-        tl.store(exp_avg_sq_ptr + local, exp_avg_sq, mask=mask)
+        if weight1_32 < 0.5:
+            exp_avg = exp_avg + weight1_32 * (grad - exp_avg)
+        else:
+            exp_avg = grad - (grad - exp_avg) * tl.cast(beta1, tl.float32)
+        exp_avg_sq = exp_avg_sq * tl.cast(beta2, tl.float32) + tl.cast(weight2, tl.float32) * grad * grad
+        tl.store(exp_avg_ptr + offsets, exp_avg, mask=mask)
+        tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq, mask=mask)
         second_moment = exp_avg_sq
         if AMSGRAD:
-            max_exp_avg_sq_ptr = tl.load(row + F_MAX_EXP_AVG_SQ).to(tl.pointer_type(tl.float32))
-            second_moment = tl.maximum(tl.load(max_exp_avg_sq_ptr + local, mask=mask), exp_avg_sq)
-            tl.store(max_exp_avg_sq_ptr + local, second_moment, mask=mask)
-        denom = tl.sqrt(second_moment) / bias_correction2_sqrt.to(tl.float32) + tl.cast(eps, tl.float32)
+            max_exp_avg_sq_ptr = _column(row, F_MAX_EXP_AVG_SQ, tl.float32, start, FULL)
+            second_moment = tl.maximum(tl.load(max_exp_avg_sq_ptr + offsets, mask=mask), exp_avg_sq)
+            tl.store(max_exp_avg_sq_ptr + offsets, second_moment, mask=mask)
+        denom = tl.sqrt(second_moment) * inv_bias_correction2_sqrt + tl.cast(eps, tl.float32)
         theta = theta + (-step_size) * (exp_avg / denom)
 
     if HAS_MASTER:
-        tl.store(master_ptr + local, theta, mask=mask)
+        tl.store(master_ptr + offsets, theta, mask=mask)
     if NOISY and APPLY_OFFSET >= 0:
         apply_step = noise_step + APPLY_OFFSET
         scale_next = triton_noise.step_scale(seed, apply_step, alphas_ptr, n_alphas, k_max)
@@ -154,29 +200,45 @@ def _fused_step_kernel(
             seed, param_id, apply_step, first_group, noise_loc, noise_scale, BLOCK_G, GAUSSIAN)
     if ROUND_BF16_FIRST:
         theta = _round_to_bf16_nearest_even(theta)
-    tl.store(param_ptr + local, theta.to(PARAM_DTYPE), mask=mask)
+    tl.store(param_ptr + offsets, theta.to(PARAM_DTYPE), mask=mask)
 
 
 class _Tables:
-    """Tensor and block tables of one bucket, rebuilt only when an address or size changes."""
+    """Tensor table and the two block tables (full blocks, edge blocks) of one bucket, rebuilt
+    only when an address or size changes.
+
+    A block is full when it lies inside its tensor, its tensor's index base is a multiple of 4
+    (so the block starts at a local index that is a multiple of the block) and every address of
+    the tensor is 16-byte aligned; the kernel then drops the masks and uses 128-bit accesses.
+    Every other block (a tensor's partial last block, misaligned tensors, shards starting
+    mid-group) goes through the masked edge path.
+    """
 
     def __init__(self):
         self._key = None
         self.tensor_table: Optional[torch.Tensor] = None
-        self.block_table: Optional[torch.Tensor] = None
+        self.full_blocks: Optional[torch.Tensor] = None
+        self.edge_blocks: Optional[torch.Tensor] = None
 
-    def get(self, rows: list[tuple[int, ...]], groups_per_block: int, device: torch.device):
-        key = (tuple(rows), groups_per_block, device)
+    def get(self, rows: list[tuple[int, ...]], block_groups: tuple[int, int], device: torch.device):
+        key = (tuple(rows), block_groups, device)
         if key != self._key:
-            blocks = []
+            full_g, edge_g = block_groups
+            full, edge = [], []
             for index, row in enumerate(rows):
                 numel, base = row[F_NUMEL], row[F_INDEX_BASE]
-                first, last = base >> 2, (base + numel - 1) >> 2
-                blocks.extend((index, group) for group in range(first, last + 1, groups_per_block))
+                group, stop = base >> 2, ((base + numel - 1) >> 2) + 1
+                if base % 4 == 0 and all(row[f] % 16 == 0 for f in _POINTER_FIELDS):
+                    while 4 * (group + full_g) <= base + numel:
+                        full.append((index, group))
+                        group += full_g
+                edge.extend((index, g) for g in range(group, stop, edge_g))
             self.tensor_table = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
-            self.block_table = torch.tensor(blocks, dtype=torch.int64).to(device, non_blocking=True)
+            self.full_blocks, self.edge_blocks = (
+                torch.tensor(blocks, dtype=torch.int64).reshape(-1, 2).to(device, non_blocking=True)
+                for blocks in (full, edge))
             self._key = key
-        return self.tensor_table, self.block_table
+        return self.tensor_table, self.full_blocks, self.edge_blocks
 
 
 _ALPHAS: dict = {}
@@ -211,25 +273,35 @@ def fused_step(args: FusedStepArgs, cache: Optional[dict] = None) -> None:
             args.steps[i].data_ptr() if grad is not None else 0,
             param.numel(), args.param_ids[i], args.index_bases[i], int(grad is not None),
         ))
-    groups_per_block = _groups_per_block(max(p.numel() for p in params))
+    block_groups = _groups_per_block(max(p.numel() for p in params))
     tables = cache.setdefault("tables", _Tables()) if cache is not None else _Tables()
-    tensor_table, block_table = tables.get(rows, groups_per_block, device)
+    tensor_table, full_blocks, edge_blocks = tables.get(rows, block_groups, device)
     alphas = _device_alphas(args.alphas, device)
     lr = args.lr
     lr_is_tensor = isinstance(lr, torch.Tensor)
-    _fused_step_kernel[(block_table.shape[0],)](
-        # Without a tensor lr, lr_ptr is never read: any valid pointer fills the slot.
-        tensor_table, block_table, args.noise_step, alphas, lr if lr_is_tensor else alphas,
-        noise.seed_as_int64(args.seed), 0.0 if lr_is_tensor else float(lr), float(args.beta1),
-        float(args.beta2), float(args.eps), float(args.weight_decay), float(args.noise_loc),
-        float(args.noise_scale), alphas.numel(), int(args.k_max),
-        PARAM_DTYPE=_TL_DTYPES[params[0].dtype], HAS_MASTER=bool(args.masters), AMSGRAD=bool(args.amsgrad),
-        MAXIMIZE=bool(args.maximize), NOISY=args.noise_scale != 0.0, RESTORE=bool(args.restore),
-        APPLY_OFFSET=int(args.apply_offset), GAUSSIAN=args.distribution == "gaussian",
-        LR_IS_TENSOR=lr_is_tensor,
-        ROUND_BF16_FIRST=interpreted() and params[0].dtype == torch.bfloat16,
-        BLOCK_G=groups_per_block,
-    )
+    beta1, beta2 = float(args.beta1), float(args.beta2)
+    # Host scalars in double, rounded once to the fp32 the kernel takes (as torch rounds them).
+    ln_beta1, ln_beta2 = (math.log(b) if b > 0.0 else -math.inf for b in (beta1, beta2))
+    # Options that change nothing (noise off; a restore with masters, which hold theta) are
+    # passed as one value each: fewer kernel variants to compile.
+    noisy = args.noise_scale != 0.0
+    for blocks, full, groups in ((full_blocks, True, block_groups[0]), (edge_blocks, False, block_groups[1])):
+        if blocks.shape[0] == 0:
+            continue
+        _fused_step_kernel[(blocks.shape[0],)](
+            # Without a tensor lr, lr_ptr is never read: any valid pointer fills the slot.
+            tensor_table, blocks, args.noise_step, alphas, lr if lr_is_tensor else alphas,
+            noise.seed_as_int64(args.seed), 0.0 if lr_is_tensor else float(lr), beta1, 1.0 - beta1,
+            beta2, 1.0 - beta2, ln_beta1, ln_beta2, float(args.eps), float(args.weight_decay),
+            float(args.noise_loc), float(args.noise_scale), alphas.numel(), int(args.k_max),
+            PARAM_DTYPE=_TL_DTYPES[params[0].dtype], HAS_MASTER=bool(args.masters), AMSGRAD=bool(args.amsgrad),
+            MAXIMIZE=bool(args.maximize), NOISY=noisy, RESTORE=noisy and bool(args.restore) and not args.masters,
+            APPLY_OFFSET=int(args.apply_offset) if noisy else -1,
+            GAUSSIAN=noisy and args.distribution == "gaussian", LR_IS_TENSOR=lr_is_tensor,
+            ROUND_BF16_FIRST=interpreted() and params[0].dtype == torch.bfloat16,
+            FULL=full, BLOCK_G=groups,
+            enable_fp_fusion=True,  # contracted multiply-adds, stated: triton 3.9 warns when it is left implicit
+        )
 
 
 # torch.compile cannot trace fused_step (it reads data pointers to build the tables), so
