@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from mergopt_kernels.ops import torch_step, triton_step
+from mergopt_kernels.ops.step_args import FusedStepArgs
 
 EPS32 = 2.0**-23
 
@@ -61,12 +62,12 @@ def test_mixed_bucket_matches_the_torch_backend(fresh_seed, distribution):
         grads = [g for _, g, _ in bucket]
         exp_avgs = [torch.rand(p.numel(), generator=torch.Generator().manual_seed(1)) for p in params]
         exp_avg_sqs = [torch.rand(p.numel(), generator=torch.Generator().manual_seed(2)) for p in params]
-        backend(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, max_exp_avg_sqs=[],
+        backend(FusedStepArgs(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, max_exp_avg_sqs=[],
                 masters=[], steps=[torch.tensor(3.0) for _ in params], param_ids=[0, 1, 2, 3],
                 index_bases=[b for _, _, b in bucket], seed=fresh_seed, noise_step=torch.tensor([3]),
                 lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False,
                 noise_loc=0.0, noise_scale=1e-2, alphas=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6), k_max=7,
-                distribution=distribution, restore=True, apply_offset=1)
+                distribution=distribution, restore=True, apply_offset=1))
         results[name] = params + exp_avgs + exp_avg_sqs
     tables = cache["tables"]
     assert set(tables.full_blocks[:, 0].tolist()) == {0}  # only the aligned tensor has full blocks
