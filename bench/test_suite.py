@@ -18,7 +18,7 @@ def test_rounds_rotate_the_order():
     calls = []
     rows = [suite.Row(name, lambda name=name: calls.append(name), lambda: (1, "state_bytes")) for name in "abc"]
     times = suite.time_interleaved(rows, torch.device("cpu"), rounds=4)
-    assert calls == list("abc" "bca" "cab" "abc")
+    assert calls == list("aabbcc" "bbccaa" "ccaabb" "aabbcc")
     assert {name: len(t) for name, t in times.items()} == {"a": 4, "b": 4, "c": 4}
 
 
