@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    python -m bench.report --mode cpu      # CPU run (~5 min on 2 cores; may share the machine)
+    python -m bench.report --mode cpu      # CPU run (BENCH_THREADS=1 on a shared machine)
     python -m bench.report --mode gpu      # GPU run (bench/gpu.sh does this on a GPU machine)
     python -m bench.report --render        # only re-render from bench/results/*.json
     python -m pytest bench -q              # smoke: every group once at tiny sizes (CI)
@@ -148,7 +148,8 @@ def _header(mode: str, data: dict) -> list[str]:
              f"- device: {info['device']}; CPU: {info['cpu_model']}, {info['cores']} cores",
              f"- torch {info['torch']}, triton {info['triton']}, python {info['python_version']}, "
              f"threads {info['threads']}" + (f", CUDA {info['cuda']}" if info.get("cuda") else ""),
-             f"- command: `python -m bench.report --mode {info['bench_mode']}`",
+             f"- command: `{'BENCH_THREADS=1 ' if info['threads'] == 1 else ''}"
+             f"python -m bench.report --mode {info['bench_mode']}`",
              f"- 1-minute load average at start and end: {load0:.1f}, {load1:.1f}"]
     if not info["device"].startswith("cpu") or max(load0, load1) <= info["threads"]:
         return lines + [""]
