@@ -147,7 +147,8 @@ def _header(mode: str, data: dict) -> list[str]:
              f"- date: {data['datetime']}; mode {info['bench_mode']}",
              f"- device: {info['device']}; CPU: {info['cpu_model']}, {info['cores']} cores",
              f"- torch {info['torch']}, triton {info['triton']}, python {info['python_version']}, "
-             f"threads {info['threads']}" + (f", CUDA {info['cuda']}" if info.get("cuda") else ""),
+             f"threads {info['threads']}" + (f", CUDA {info['cuda']}" if info.get("cuda") else "")
+             + f"; timed with {info['clock']}",
              f"- command: `{'BENCH_THREADS=1 ' if info['threads'] == 1 else ''}"
              f"python -m bench.report --mode {info['bench_mode']}`",
              f"- 1-minute load average at start and end: {load0:.1f}, {load1:.1f}"]
@@ -155,7 +156,9 @@ def _header(mode: str, data: dict) -> list[str]:
         return lines + [""]
     return lines + [f"- the machine was shared with other jobs (load above the {info['threads']} threads "
                     "used): absolute times are noisy; the ratios are per-round ratios of interleaved "
-                    "rows, which that load shifts alike", ""]
+                    "rows, which that load shifts alike" + (
+                        "; CPU time leaves out the time given to other processes, not their use of "
+                        "the memory bus and caches" if info["clock"] == "thread CPU time" else ""), ""]
 
 
 def render_mode(mode: str, data: dict, profile: dict | None) -> list[str]:

@@ -133,16 +133,17 @@ def time_interleaved(rows: list[Row], device: torch.device, rounds: int) -> dict
     """Seconds of each row per round. Round r gives every row one turn, starting at row r mod n,
     so no row always follows the same neighbour. A turn is an untimed call, then the timed one:
     the timed call finds the row's own data in the caches, as when a row is timed on its own,
-    instead of what the previous row left there (at 1M parameters the whole step fits in L3)."""
-    times = {row.name: [] for row in rows}
+    instead of what the previous row left there (at 1M parameters the whole step fits in L3).
+    Read from ``common.clock(device)``."""
+    times, now = {row.name: [] for row in rows}, common.clock(device)
     for r in range(rounds):
         for row in rows[r % len(rows):] + rows[:r % len(rows)]:
             row.run()
             common.synchronize(device)
-            start = time.perf_counter()
+            start = now()
             row.run()
             common.synchronize(device)
-            times[row.name].append(time.perf_counter() - start)
+            times[row.name].append(now() - start)
     return times
 
 
@@ -197,7 +198,8 @@ def machine_info(mode: common.Mode) -> dict:
         cpu_model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
     info = dict(torch=torch.__version__, triton=triton.__version__, python_version=platform.python_version(),
                 threads=torch.get_num_threads(), cores=os.cpu_count(), cpu_model=cpu_model,
-                loadavg=list(os.getloadavg()), bench_mode=mode.name)
+                loadavg=list(os.getloadavg()), bench_mode=mode.name,
+                clock=common.clock_name(torch.device(mode.device)))
     if mode.device.startswith("cuda"):
         info["device"] = torch.cuda.get_device_name(torch.device(mode.device))
         info["cuda"] = torch.version.cuda
