@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -50,3 +51,15 @@ def test_render_keeps_the_kernel_cost_block(tmp_path, monkeypatch):
     assert block in text and "stale" not in text
     assert report.NO_GPU in text and "## CPU results" in text
     assert (tmp_path / "step_ratio.png").stat().st_size > 0
+
+
+def test_one_cpu_thread_is_timed_with_its_cpu_time():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert common.clock(torch.device("cpu")) is time.thread_time
+        torch.set_num_threads(2)
+        assert common.clock(torch.device("cpu")) is time.perf_counter
+    finally:
+        torch.set_num_threads(threads)
+    assert common.clock(torch.device("cuda")) is time.perf_counter
