@@ -33,5 +33,7 @@ if "$py" -c "import sys, torch; sys.exit(torch.version.cuda is None)" && command
 fi
 MAX_JOBS=$(nproc) "$py" setup.py -q build_ext --inplace
 "$py" .ci/check_native.py --devices "$devices" "${arches[@]}"
-"$py" -m pytest python_tests -q -p no:cacheprovider
-"$py" -m pytest bench -q -p no:cacheprovider
+status=0  # the benchmark smoke run runs even when a python test failed
+"$py" -m pytest python_tests -q -p no:cacheprovider || status=1
+"$py" -m pytest bench -q -p no:cacheprovider || status=1
+exit $status
