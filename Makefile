@@ -1,11 +1,13 @@
 # The two set-up commands of README.md: `make demo` (the main job) and `make test` (every test).
 # Both create .venv with the pinned requirements and build the native library in place.
+# `make gpu-check` runs on a GPU machine with torch and triton installed (no venv, no network);
+# `make gpu-check-dry` runs its code path here, on the CPU, into a scratch folder.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mergopt-installed
 
-.PHONY: setup demo test native-test aot-full kernel-cost
+.PHONY: setup demo test aot-full kernel-cost gpu-check gpu-check-dry
 
 $(STAMP): requirements.txt requirements-test.txt setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +24,7 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest python_tests -q
-	$(PY) -m pytest bench -q --benchmark-disable
+	$(PY) -m pytest bench -q
 	PYTHON=$(PY) bash .ci/native.sh
 
 # Every launch variant of the Triton kernels compiled ahead of time for sm_80 and sm_90, on the
@@ -37,3 +39,9 @@ aot-full:
 # The static cost table of the Triton step in bench/RESULTS.md.
 kernel-cost:
 	$(AOT_ENV) $(AOT_PYTHON) -m bench.kernel_cost
+
+gpu-check:
+	PYTHON=$(PYTHON) bash bench/gpu.sh
+
+gpu-check-dry: setup
+	GPU_CHECK_DRY=1 PYTHON=$(PY) bash bench/gpu.sh

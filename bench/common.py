@@ -1,7 +1,8 @@
-"""What the benchmark tests share: the mode (sizes, device, rounds), timing, copy bandwidth.
+"""What the benchmarks share: the mode (sizes, device, rounds), device sync, copy bandwidth.
 
-The mode comes from ``BENCH_MODE`` (or pytest's ``--bench-mode``, which sets it):
-``smoke`` (default: tiny sizes, every row once, for CI), ``cpu`` or ``gpu``. ``BENCH_DEVICE``
+The mode comes from ``BENCH_MODE`` (or pytest's ``--bench-mode``, which sets it): ``smoke``
+(default: tiny sizes, every row once, for CI), ``cpu``, ``gpu``, or ``gpu-dry`` (the GPU run's
+code path on CPU tensors at small sizes, to check it end to end without a GPU). ``BENCH_DEVICE``
 overrides the device (e.g. ``smoke`` on ``cuda``). Nothing here touches CUDA at import time.
 """
 
@@ -10,8 +11,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -26,28 +26,38 @@ class Mode:
     # (model config, batch, sequence length, parameter dtypes)
     e2e_models: tuple[tuple[str, int, int, tuple[str, ...]], ...]
     slow_max_params: int          # rows of peers.is_slow are skipped above this size
-    slow_rounds: dict = field(default_factory=dict)  # max params -> rounds for slow rows
-    target_s: float = 2.0         # time per fast benchmark, rounds chosen to fill it
+    target_s: float = 20.0        # timed seconds per group; 0: one round (smoke)
+    min_rounds: int = 5
+    max_rounds: int = 50
     copy_mib: int = 256
     autocast: bool = False
+    large_params: float = float("inf")  # above this many params only large_rows run
+    large_rows: tuple[str, ...] = ()
 
+
+# Above 200M params a GPU run keeps the rows the targets are about, so that every row of a
+# group fits in memory at once (1B: 16 GB of parameters, gradients and state per row).
+_GPU_LARGE_ROWS = ("adamw_fused", "fused[triton]", "fused[cuda]")
 
 MODES = {
     "smoke": Mode("smoke", "cpu", ("tiny",), (("tiny", 2, 32, ("float32", "bfloat16")),),
-                  slow_max_params=10**6, slow_rounds={10**6: 1}, target_s=0.0, copy_mib=8),
+                  slow_max_params=10**6, target_s=0.0, copy_mib=8),
     # bf16 matmuls run ~10x slower than fp32 on CPUs without bf16 units: bf16 on the 1M model.
     "cpu": Mode("cpu", "cpu", ("1M", "10M", "20x1M", "100M"),
                 (("10M", 4, 128, ("float32",)), ("1M", 2, 64, ("bfloat16",))),
-                slow_max_params=25 * 10**6, slow_rounds={2 * 10**6: 5, 11 * 10**6: 3, 25 * 10**6: 2},
-                target_s=2.0, copy_mib=256),
-    "gpu": Mode("gpu", "cuda", ("1M", "10M", "100M", "1B"),
-                (("125M", 8, 1024, ("float32", "bfloat16")), ("1B", 4, 1024, ("float32", "bfloat16"))),
-                slow_max_params=2 * 10**6, slow_rounds={2 * 10**6: 3}, target_s=2.0,
-                copy_mib=2048, autocast=True),
+                slow_max_params=25 * 10**6, target_s=20.0, copy_mib=256),
+    "gpu": Mode("gpu", "cuda", ("10M", "100M", "1B"), (("125M", 8, 1024, ("float32", "bfloat16")),),
+                slow_max_params=2 * 10**6, target_s=8.0, min_rounds=10, max_rounds=100,
+                copy_mib=2048, autocast=True, large_params=2e8, large_rows=_GPU_LARGE_ROWS),
+    "gpu-dry": Mode("gpu-dry", "cpu", ("tiny", "1M"), (("tiny", 2, 32, ("float32", "bfloat16")),),
+                    slow_max_params=2 * 10**6, target_s=0.5, min_rounds=3, max_rounds=5,
+                    copy_mib=8, autocast=True, large_params=5e5,
+                    large_rows=_GPU_LARGE_ROWS + ("fused[native]",)),  # the CPU's stand-in for them
 }
 
 
 def mode() -> Mode:
+    """The mode named by ``BENCH_MODE`` (default smoke), on ``BENCH_DEVICE`` if that is set."""
     name = os.environ.get("BENCH_MODE", "smoke")
     if name not in MODES:
         raise ValueError(f"BENCH_MODE must be one of {sorted(MODES)}, got {name!r}")
@@ -57,77 +67,34 @@ def mode() -> Mode:
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def slow_rounds(m: Mode, numel: int) -> int:
-    """Rounds for a slow row of ``numel`` parameters (no warm-up: its builder ran the code)."""
-    return next(r for limit, r in sorted(m.slow_rounds.items()) if numel <= limit)
+def clock(device: torch.device):
+    """The clock timings are read from: on the CPU with one torch thread, the calling thread's CPU
+    time (the op runs in that thread, and time the scheduler gives to other processes on a shared
+    machine is not counted); elsewhere wall time (after synchronize on GPUs)."""
+    if device.type == "cpu" and torch.get_num_threads() == 1:
+        return time.thread_time
+    return time.perf_counter
 
 
-def run_timed(benchmark, fn: Callable[[], object], device: torch.device, *, slow: bool,
-              numel: int) -> None:
-    """Time ``fn`` (synchronised inside) with pytest-benchmark: medians over rounds, warm-up
-    excluded. Fast rows: 2 warm-up calls, then rounds to fill ``target_s`` (5 to 50).
-    Slow rows: ``slow_rounds`` rounds without warm-up. Disabled benchmarks run ``fn`` once."""
-    m = mode()
-
-    def timed():
-        fn()
-        synchronize(device)
-
-    if not getattr(benchmark, "enabled", True) or m.target_s == 0.0:
-        benchmark.pedantic(timed, rounds=1, iterations=1, warmup_rounds=0)
-        return
-    if slow:
-        benchmark.pedantic(timed, rounds=slow_rounds(m, numel), iterations=1, warmup_rounds=0)
-        return
-    timed()
-    start = time.perf_counter()
-    timed()
-    once = time.perf_counter() - start
-    rounds = max(5, min(50, int(m.target_s / max(once, 1e-6))))
-    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
-
-
-_COPY_GBPS: dict = {}
+def clock_name(device: torch.device) -> str:
+    return "thread CPU time" if clock(device) is time.thread_time else "wall time"
 
 
 def copy_bandwidth(device: torch.device, mib: int) -> float:
-    """Measured device copy bandwidth in GB/s (read + write counted), median of 10 copies."""
-    key = (str(device), mib)
-    if key not in _COPY_GBPS:
-        src = torch.empty(mib * 2**18, dtype=torch.float32, device=device).uniform_()
-        dst = torch.empty_like(src)
-        times = []
-        for _ in range(12):
-            synchronize(device)
-            start = time.perf_counter()
-            dst.copy_(src)
-            synchronize(device)
-            times.append(time.perf_counter() - start)
-        _COPY_GBPS[key] = 2 * src.numel() * 4 / statistics.median(times[2:]) / 1e9
-        del src, dst
-    return _COPY_GBPS[key]
-
-
-def peak_memory_start(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def record(benchmark, *, device: torch.device, numel: int, n_tensors: int, memory_bytes: int,
-           memory_kind: str, **extra) -> None:
-    """Attach sizes, bytes moved, GB/s (also as % of the measured copy bandwidth) and memory."""
-    m = mode()
-    copy_gbps = copy_bandwidth(device, m.copy_mib)
-    info = dict(mode=m.name, device=str(device), params=numel, tensors=n_tensors,
-                bytes_moved=BYTES_PER_PARAM * numel, copy_gbps=copy_gbps,
-                memory_bytes=memory_bytes, memory_kind=memory_kind, **extra)
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None and getattr(stats, "stats", None) is not None and stats.stats.data:
-        median = stats.stats.median
-        info["gbps"] = BYTES_PER_PARAM * numel / median / 1e9
-        info["pct_copy"] = 100.0 * info["gbps"] / copy_gbps
-    benchmark.extra_info.update(info)
+    """Measured device copy bandwidth in GB/s (read + write counted), median of 10 copies of
+    ``mib`` MiB after 2 warm-up copies, timed with ``clock(device)``."""
+    src = torch.empty(mib * 2**18, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    times, now = [], clock(device)
+    for _ in range(12):
+        synchronize(device)
+        start = now()
+        dst.copy_(src)
+        synchronize(device)
+        times.append(now() - start)
+    return 2 * src.numel() * 4 / statistics.median(times[2:]) / 1e9
