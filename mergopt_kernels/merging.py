@@ -32,7 +32,7 @@ TIES-Merging (``ties_merging``)
        ``max(1, int(density * n))``). An entry is kept when ``|tau_i| >= t_i``, ``t_i`` the exact
        ``k_i``-th largest magnitude, so entries tied with ``t_i`` are all kept (FusionBench's rule);
        with ``exact_count=True`` exactly ``k_i`` are kept: of the entries equal to ``t_i``, the
-       first ones in key order and then element order.
+       first ones in sorted key order and then element order (never the inputs' key order).
     2. Elect: ``sign = sign(sum_i w_i trimmed_i)`` per element. Where that sum is 0, the element
        takes the majority sign: the sign of ``(#elements elected +) - (#elements elected -)``
        counted over the whole model (as FusionBench does over its flattened model), +1 on a tie.
@@ -394,25 +394,27 @@ class _Trim:
         threshold, ties = _kth_largest_magnitude(lambda: (tau for _, tau in stream("TIES threshold")), k, rows,
                                                  select_dtype)
         self.thresholds = dict.fromkeys((e.key for e in entries), threshold)
-        self._ties_left = ties
+        if spec.exact_count:
+            # The entries tied with the threshold are shared out in sorted key order, so that the
+            # kept ones never depend on the order in which the inputs list their keys.
+            equal = dict.fromkeys(self.thresholds, 0)
+            for entry, tau in stream("TIES ties"):
+                equal[entry.key] = equal[entry.key] + (tau.abs().to(threshold.dtype) == threshold[:, None].to(
+                    tau.device)).sum(1).cpu()
+            for key in sorted(equal):
+                self.tie_budget[key] = torch.minimum(ties, torch.as_tensor(equal[key], dtype=torch.int64))
+                ties = ties - self.tie_budget[key]
 
     def prepare(self, entry: Entry, vectors: _TaskVectors) -> None:
-        """Fix the threshold (per tensor) and tie budget of ``entry``; call in key order, once."""
+        """Fix the threshold and tie budget of ``entry`` when they are per tensor; call once per entry."""
         def taus():
             return (vectors.chunk(part)[1] for part in _chunks(entry.numel))
 
         if self.spec.per_tensor:
             k = torch.tensor([_keep_count(d, entry.numel) for d in self.spec.density], dtype=torch.int64)
             self.thresholds[entry.key], ties = _kth_largest_magnitude(taus, k, self.rows, entry.compute_dtype)
-        if not self.spec.exact_count:
-            return
-        threshold = self.thresholds[entry.key][:, None]
-        equal = sum((tau.abs().to(threshold.dtype) == threshold.to(tau.device)).sum(1).cpu() for tau in taus())
-        if self.spec.per_tensor:
-            self.tie_budget[entry.key] = ties
-        else:
-            self.tie_budget[entry.key] = torch.minimum(self._ties_left, equal)
-            self._ties_left = self._ties_left - self.tie_budget[entry.key]
+            if self.spec.exact_count:
+                self.tie_budget[entry.key] = ties
 
     def trimmed(self, key: str, chunk: torch.Tensor, ties_seen: torch.Tensor | None) -> torch.Tensor:
         """A chunk ``[K, m]`` of ``key``'s task vectors with the entries below the threshold zeroed.

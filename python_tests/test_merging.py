@@ -608,3 +608,20 @@ def test_zero_size_and_scalar_entries():
                 weight_average(experts), task_arithmetic(base, experts, 0.5, weights=[1.0, 0.0])):
         assert out["empty"].shape == (0, 4) and out["scalar"].shape == ()
     assert torch.equal(task_arithmetic(base, experts, 0.5)["scalar"], torch.tensor(2.0))
+
+
+def test_exact_count_ties_do_not_depend_on_the_key_order(fresh_seed):
+    """bf16 task vectors tie at the threshold across tensors; which tied entries are kept follows
+    the sorted key names, so the same tensors listed in another order merge alike."""
+    gen = torch.Generator().manual_seed(fresh_seed & 0x7FFFFFFF)
+    base = {name: torch.zeros(n, dtype=torch.bfloat16) for name, n in (("b", 301), ("a", 257), ("c", 129))}
+    experts = [{name: (torch.randint(-3, 4, t.shape, generator=gen) * 0.25).to(torch.bfloat16)
+                for name, t in base.items()} for _ in range(2)]
+
+    def reordered(state):
+        return {key: state[key] for key in reversed(list(state))}
+
+    forward = merging.ties_merging(base, experts, density=0.35, exact_count=True)
+    backward = merging.ties_merging(reordered(base), [reordered(e) for e in experts], density=0.35, exact_count=True)
+    for key in base:
+        assert torch.equal(forward[key], backward[key]), (key, fresh_seed)
