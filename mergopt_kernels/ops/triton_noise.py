@@ -22,12 +22,16 @@ Both keep the K-S statistic of the stream below the Kolmogorov bound (tested on 
 import triton
 import triton.language as tl
 
-SCALE_STREAM = tl.constexpr(0xFFFFFFFF)
+from .. import noise
+
+# The stream's constants, defined once in noise.py.
+SCALE_STREAM = tl.constexpr(noise.SCALE_STREAM)
+PHILOX_M0 = tl.constexpr(noise.PHILOX_M0)
+PHILOX_M1 = tl.constexpr(noise.PHILOX_M1)
+PHILOX_W0 = tl.constexpr(noise.PHILOX_W0)
+PHILOX_W1 = tl.constexpr(noise.PHILOX_W1)
+PHILOX_ROUNDS = tl.constexpr(noise.PHILOX_ROUNDS)
 TWO_PI = tl.constexpr(6.283185307179586)
-PHILOX_M0 = tl.constexpr(0xD2511F53)
-PHILOX_M1 = tl.constexpr(0xCD9E8D57)
-PHILOX_W0 = tl.constexpr(0x9E3779B9)
-PHILOX_W1 = tl.constexpr(0xBB67AE85)
 
 
 @triton.jit
@@ -36,7 +40,7 @@ def philox(seed, c0, c1, c2, c3):
     seed = tl.cast(seed, tl.uint64)
     k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
     k1 = (seed >> 32).to(tl.uint32)
-    for _ in tl.static_range(10):
+    for _ in tl.static_range(PHILOX_ROUNDS):
         product0 = c0.to(tl.uint64) * PHILOX_M0
         product2 = c2.to(tl.uint64) * PHILOX_M1
         c0, c1, c2, c3 = ((product2 >> 32).to(tl.uint32) ^ c1 ^ k0, product2.to(tl.uint32),
