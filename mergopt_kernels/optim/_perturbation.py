@@ -4,7 +4,9 @@ The parameters hold ``theta_t + s_t z_t`` between steps (``perturbed``), where `
 noise step kept in an int64 device tensor per device, so that no step needs the host to read it.
 Low-precision parameters keep ``theta_t`` exactly in an fp32 ``master`` entry of their state.
 DTensor parameters (FSDP2) are updated through their local shards, with the index of each
-shard's first element in the whole parameter as the kernels' index base.
+shard's first element in the whole parameter as the kernels' index base. Under DeepSpeed ZeRO
+the optimizer updates DeepSpeed's flat partitions instead, each segment of a partition with
+its parameter's identity and start index (``_deepspeed``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import contextlib
 import math
 import numbers
 import os
+import sys
+import warnings
 from collections import defaultdict
 from typing import Callable, Optional
 
@@ -20,6 +24,7 @@ import numpy
 import torch
 
 from .. import noise, ops
+from . import _deepspeed
 
 try:
     from torch.distributed.tensor import DTensor as _DTensor
@@ -159,6 +164,10 @@ def check_params(params: list, seen: set) -> None:
             raise TypeError("params: complex parameters are not supported")
         if p.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"params: dtype {p.dtype} is not supported (float32, bfloat16, float16)")
+        if hasattr(p, "ds_numel") and p.numel() != p.ds_numel:
+            raise ValueError("params: parameters partitioned by deepspeed.zero.Init are not supported; build the "
+                             "model outside zero.Init (ZeRO-3 partitions it in deepspeed.initialize), then the "
+                             "optimizer, then the engine")
         if not p.is_contiguous() or not local_tensor(p).is_contiguous():
             raise ValueError(f"params: parameters must be contiguous, got strides {p.stride()}")
         _check_placements(p)
@@ -235,6 +244,13 @@ class PerturbationBook:
     - ``layout``: parameter -> the (device, dtype) its state was made for.
     - ``launch_caches``, ``param_ids``, ``index_bases``: caches of the launches, rebuilt when
       a parameter is added, moved or cast.
+    - ``known_groups``: (group dict, its parameters) as the optimizer last made them; the
+      noise identities of the parameters are their positions in this list.
+    - Under DeepSpeed ZeRO (``deepspeed``: the ``ZeroLayout``, None before): the optimizer
+      updates DeepSpeed's flat partitions, each element with the noise of its parameter and
+      index. ``partition_group``: partition -> its group's index; ``stepped``: the partitions
+      stepped since t last advanced (DeepSpeed steps one group or sub-group at a time, t
+      advances when all were); ``pending``: the noise options those steps wrote.
     """
 
     def __init__(self, seed: int, backend: str):
@@ -252,6 +268,16 @@ class PerturbationBook:
         self.launch_caches: dict = {}
         self.param_ids: tuple = ((), {})
         self.index_bases: dict = {}
+        self.known_groups: list = []
+        self.known_ids: tuple = ()
+        self.deepspeed: Optional[_deepspeed.ZeroLayout] = None
+        self.deepspeed_searched: Optional[tuple] = None
+        self.partition_group: dict = {}
+        self.stepped: set = set()
+        self.pending: dict = {}
+        self.clean_after_load = False
+        self.cleaning = False  # inside clean_weights(), which perturbs again on exit
+        self.noise_ids: dict = {}
 
     def noise_step(self, device: torch.device) -> torch.Tensor:
         """The int64 tensor [1] on ``device`` holding t (made from another device's on first use)."""
@@ -302,6 +328,7 @@ class PerturbationMixin:
         for device in {p.device for g in self.param_groups for p in g["params"]}:
             ops.resolve_backend(backend, device)
         self._book = PerturbationBook(agree_on_seed(resolve_seed(seed), seed is not None), backend)
+        self._remember_groups()
         with torch.no_grad():
             for group in self.param_groups:
                 self._make_state(group["params"])
@@ -310,8 +337,54 @@ class PerturbationMixin:
         self._record_writes()
         self._stamp_param_groups()
 
+    def _remember_groups(self) -> None:
+        book = self._book
+        book.known_groups = [(group, list(group["params"])) for group in self.param_groups]
+        book.known_ids = tuple(id(p) for group in self.param_groups for p in group["params"])
+
+    def _groups(self) -> list[tuple[int, dict, list]]:
+        """(index, group, the tensors the optimizer updates for it) for every group: its params,
+        or under DeepSpeed ZeRO the partitions of the group that this rank updates."""
+        book = self.__dict__.get("_book")
+        if book is None or book.deepspeed is None:
+            return [(index, group, group["params"]) for index, group in enumerate(self.param_groups)]
+        partitions = defaultdict(list)
+        for partition in book.deepspeed.partitions:
+            partitions[book.partition_group[partition]].append(partition)
+        return [(index, group, partitions[index]) for index, (group, _) in enumerate(book.known_groups)]
+
+    def _step_groups(self) -> list[tuple[int, dict, list]]:
+        """The groups a ``step()`` updates: all of them, or under DeepSpeed ZeRO those of the
+        (sub-)group DeepSpeed hands in now (it puts one at a time into ``param_groups``)."""
+        book = self._book
+        if book.deepspeed is None:
+            return self._groups()
+        index_of = {id(group): index for index, (group, _) in enumerate(book.known_groups)}
+        chosen = []
+        for group in self.param_groups:
+            unknown = [p for p in group["params"] if p not in book.partition_group]
+            if id(group) not in index_of or unknown:
+                raise ValueError("DeepSpeed handed this optimizer a param group or tensor that is not one of the "
+                                 "partitions it mapped when it was attached to DeepSpeed")
+            chosen.append((index_of[id(group)], group, list(group["params"])))
+        return chosen
+
     def _all_params(self) -> list:
-        return [p for group in self.param_groups for p in group["params"]]
+        return [p for _, _, params in self._groups() for p in params]
+
+    def _sync_deepspeed(self) -> None:
+        """Notice DeepSpeed ZeRO replacing the parameters by its flat partitions, and from then
+        on update those (``_attach_deepspeed``)."""
+        book = self._book
+        if book.deepspeed is not None or "deepspeed" not in sys.modules or torch.compiler.is_compiling():
+            return
+        current = tuple(id(p) for group in self.param_groups for p in group["params"])
+        if current == book.known_ids or book.deepspeed_searched == current:
+            return
+        book.deepspeed_searched = current
+        owner = _deepspeed.find_owner(self)
+        if owner is not None:
+            self._attach_deepspeed(_deepspeed.layout_of(owner))
 
     def _begin_step(self, closure: Optional[Callable[[], torch.Tensor]]) -> Optional[torch.Tensor]:
         """What every step does first: run the closure (at the perturbed weights), check every
@@ -321,6 +394,13 @@ class PerturbationMixin:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._sync_deepspeed()
+        book = self._book
+        if book.deepspeed is not None and book.clean_after_load and not book.held:
+            warnings.warn("the first step after loading a DeepSpeed checkpoint saved inside clean_weights() ran at "
+                          "the clean weights: call opt.apply_perturbation() after engine.load_checkpoint()",
+                          stacklevel=3)
+        book.clean_after_load = False
         for group in self.param_groups:
             self._check_group(group)
         self._follow_params()
@@ -332,6 +412,7 @@ class PerturbationMixin:
         put into a group by hand gets its state, a moved or cast one has it moved
         (``_relayout``), one whose version counter changed was written from outside and holds
         clean theta (``_take_written``)."""
+        self._sync_deepspeed()
         book = self._book
         check_versions = not torch.compiler.is_compiling() and book.versions_known  # no guard when compiling
         loaded = book.loaded
@@ -435,17 +516,24 @@ class PerturbationMixin:
         """What every step does last: t advances, the noisy parameters hold the perturbation
         written with the options ``written`` (group index -> options)."""
         book = self._book
+        book.active = True
+        if book.deepspeed is not None:
+            book.stepped.update(p for _, _, params in self._step_groups() for p in params)
+            book.pending.update(written)
+            if len(book.stepped) < len(book.deepspeed.partitions):
+                self._record_writes()
+                return  # DeepSpeed steps the other (sub-)groups next, with the same t
+            written, book.pending, book.stepped = book.pending, {}, set()
         for step in book.steps.values():
             step.add_(1)
-        book.active = True
         book.applied = written
         self._record_writes()
 
     @staticmethod
-    def _group_buckets(group: dict) -> list[list]:
+    def _group_buckets(params: list) -> list[list]:
         """A group's params split by device and dtype: one launch each."""
         split = defaultdict(list)
-        for p in group["params"]:
+        for p in params:
             split[(p.device, p.dtype)].append(p)
         return list(split.values())
 
@@ -455,7 +543,14 @@ class PerturbationMixin:
         """One fused pass over a bucket of group ``index``, with the ``noise`` options (None:
         noise off). ``adam`` holds the AdamW state lists when grads are given."""
         device = params[0].device
-        ids = self._param_ids()
+        key = (index, device, params[0].dtype, adam is None, restore, noise is None)
+        if self._book.deepspeed is not None:
+            key += tuple(map(id, params))  # DeepSpeed hands in one (sub-)group at a time
+            params, grads, adam, param_ids, index_bases = self._segment_views(params, grads, adam)
+            if not params:
+                return
+        else:
+            ids = self._param_ids()
         masters = [self._master_holder(p)["master"] for p in params] if needs_master(params[0]) else []
         noise_only = adam is None
         if noise_only:  # no moment is read: placeholders fill the lists
@@ -482,12 +577,11 @@ class PerturbationMixin:
             param_ids = [ids[params[i]] for i in keep]
             index_bases = [index_bases[i] for i in keep]
             params = params_local
-        else:
+        elif self._book.deepspeed is None:
             param_ids, index_bases = [ids[p] for p in params], [0] * len(params)
         backend = ops.resolve_backend(self._book.backend, device)
         # Only eager Triton launches keep their address tables here (compiled ones keep them in
         # ops.triton_step): no dict grows while compiling, so a compiled step compiles once.
-        key = (index, device, params[0].dtype, noise_only, restore, noise is None)
         cache = self._book.launch_caches.setdefault(key, {}) \
             if backend == "triton" and not torch.compiler.is_compiling() else None
         args = ops.FusedStepArgs(
@@ -496,49 +590,156 @@ class PerturbationMixin:
             apply_offset=apply_offset, **(noise or NOISE_OFF), **adam)
         ops.fused_step(backend, args, cache=cache)
 
+    def _segment_views(self, partitions: list, grads: list, adam: Optional[dict]):
+        """DeepSpeed partitions as the kernels' tensors: one view per segment (of the partition,
+        its gradient and moments; the step count is the partition's), with the noise identity of
+        its parameter and its start index. Returns (views, grads, adam, param_ids, index_bases)."""
+        book = self._book
+        layout = book.deepspeed
+        pieces = [(i, segment) for i, partition in enumerate(partitions) for segment in layout.segments[partition]]
+
+        def views(tensors: list) -> list:
+            return [None if tensors[i] is None else tensors[i].view(-1).narrow(0, seg.offset, seg.length)
+                    for i, seg in pieces]
+
+        params = views(partitions)
+        if adam is not None:
+            adam = dict(adam)
+            for name in ("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"):
+                adam[name] = views(adam[name]) if adam[name] else []
+            adam["steps"] = [adam["steps"][i] for i, _ in pieces]
+        param_ids = [book.noise_ids[segment.param] for _, segment in pieces]
+        return params, views(grads), adam, param_ids, [segment.start for _, segment in pieces]
+
+    def _attach_deepspeed(self, layout: "_deepspeed.ZeroLayout") -> None:
+        """From now on update DeepSpeed's partitions instead of the parameters they came from.
+
+        A partition holds what its parameters held when DeepSpeed copied them: theta_t + s_t z_t
+        for a perturbed fp32 parameter, else theta_t (bf16/fp16 segments take theta_t from
+        their exact fp32 masters). Unless every segment holds the perturbation exactly, the
+        perturbed segments are restored and the whole partition perturbed again, so each
+        partition is either clean or perturbed. An fp32 parameter that DeepSpeed cast to bf16
+        (a bf16 config with an fp32 model) while it held the perturbation starts from
+        bf16(theta + s z) - s z, within a bf16 rounding of theta, as DeepSpeed's own
+        bf16(theta) is. The parameters' own state is dropped (DeepSpeed's partitions
+        replace it), so the optimizer must not have stepped yet."""
+        book = self._book
+        kept = [index for index, (_, params) in enumerate(book.known_groups) if params]
+        book.applied = {kept.index(i): noise for i, noise in book.applied.items() if i in kept}
+        book.known_groups = [book.known_groups[i] for i in kept]  # DeepSpeed drops empty groups
+        origin = [p for _, params in book.known_groups for p in params]
+        group_of = {p: index for index, (_, params) in enumerate(book.known_groups) for p in params}
+        for p in origin:
+            step = self.state.get(p, {}).get("step")
+            if step is not None and float(step) != 0.0:
+                raise ValueError("DeepSpeed took over the parameters of an optimizer that has already stepped: "
+                                 "build the DeepSpeed engine before the first step()")
+        partition_group = {}
+        for partition in layout.partitions:
+            members = layout.members[partition]
+            if not members or any(p not in group_of for p in members) or \
+                    len({group_of[p] for p in members}) != 1:
+                raise ValueError("DeepSpeed partitioned parameters that are not this optimizer's param groups")
+            partition_group[partition] = group_of[members[0]]
+        book.noise_ids = {p: i for i, p in enumerate(origin)}
+        book.deepspeed, book.partition_group = layout, partition_group
+        was_held, old_masters = dict(book.held), {p: self._master_holder(p).get("master") for p in origin}
+        # fp32 parameters that DeepSpeed cast to bf16/fp16 (its bf16/fp16 configs cast the model)
+        # while they held theta + s z: their partitions hold the rounded values, not exact ones.
+        cast = {p for p in origin if book.layout.get(p, (None, p.dtype))[1] != p.dtype}
+        book.held = {}
+        for p in origin:
+            self.state.pop(p, None)
+            self.__dict__.get("_masters", {}).pop(p, None)
+            book.layout.pop(p, None)
+        book.clear_caches()
+        with torch.no_grad():
+            self._make_state(layout.partitions)
+            for partition in layout.partitions:
+                noise = book.applied.get(partition_group[partition])
+                held = [s for s in layout.segments[partition] if s.param in was_held and old_masters[s.param] is None]
+                for segment in layout.segments[partition]:
+                    master = old_masters[segment.param]
+                    if master is not None:
+                        view = partition.view(-1).narrow(0, segment.offset, segment.length)
+                        view.copy_(local_tensor(master).reshape(-1).narrow(0, segment.start, segment.length))
+                exact = not any(s.param in cast for s in held)
+                if noise is not None and book.active and exact and len(held) == len(layout.segments[partition]):
+                    book.held[partition] = True
+                elif held and noise is not None:
+                    self._restore_segments(partition, held, noise)
+            if book.active:
+                self._write_pass(apply_offset=0)
+        self._record_writes()
+
+    def _restore_segments(self, partition: torch.Tensor, segments: list, noise: dict) -> None:
+        """Subtract the perturbation from some segments of a DeepSpeed partition."""
+        layout = self._book.deepspeed
+        whole = layout.segments[partition]
+        layout.segments[partition] = segments
+        try:
+            self._launch(self._book.partition_group[partition], [partition], [None], noise,
+                         restore=True, apply_offset=-1)
+        finally:
+            layout.segments[partition] = whole
+
+    def _check_can_add_group(self) -> None:
+        """``add_param_group`` is refused once DeepSpeed ZeRO partitioned the parameters."""
+        if self._started and self._book.deepspeed is not None:
+            raise ValueError("add_param_group: DeepSpeed ZeRO has partitioned this optimizer's parameters; "
+                             "give every param group to the optimizer before deepspeed.initialize")
+
     def _perturb_group(self, index: int) -> None:
         """Give group ``index``, added after construction, its state, the noise-state keys and
         (while active) the current perturbation."""
         book = self._book
         self._make_state(self.param_groups[index]["params"])
+        self._remember_groups()
         book.clear_caches()
         self._stamp_param_groups()
         if book.active:
             self._write_pass(apply_offset=0, only_group=index)
         self._record_writes()
 
-    def _restore_pass(self) -> None:
-        """Subtract the perturbation from every held parameter, with the options that wrote it."""
+    def _restore_pass(self, groups: Optional[list] = None) -> None:
+        """Subtract the perturbation from every held parameter of ``groups`` (default: all, as
+        ``_groups()``), with the options that wrote it."""
         book = self._book
-        for index, group in enumerate(self.param_groups):
-            noise = book.applied.pop(index, None)
+        for index, group, tensors in (self._groups() if groups is None else groups):
+            # a partial pass (one DeepSpeed (sub-)group) leaves the options to the others
+            noise = book.applied.pop(index, None) if groups is None else book.applied.get(index)
             if noise is None:
                 continue
-            for params in self._group_buckets(group):
+            for params in self._group_buckets(tensors):
                 held = [p for p in params if p in book.held]
                 if held:
                     self._launch(index, held, [None] * len(held), noise, restore=True, apply_offset=-1)
                 for p in held:
                     del book.held[p]
 
-    def _write_pass(self, *, apply_offset: int, only_group: Optional[int] = None) -> None:
+    def _write_pass(self, *, apply_offset: int, only_group: Optional[int] = None,
+                    groups: Optional[list] = None) -> None:
         """Write the perturbation of step t + ``apply_offset`` into every noisy parameter that
-        does not hold it, with the options its group's held parameters hold (else the group's)."""
+        does not hold it, with the options its group's held parameters hold (else the group's).
+
+        ``groups`` (a step's ``_step_groups()``) limits the pass to those tensors and writes
+        them with their group's options; the step then records the options (``_end_step``)."""
         book = self._book
-        for index, group in enumerate(self.param_groups):
+        for index, group, tensors in (self._groups() if groups is None else groups):
             if only_group is not None and index != only_group:
                 continue
-            noise = book.applied.get(index) or noise_options(group)
+            noise = noise_options(group) if groups is not None else book.applied.get(index) or noise_options(group)
             if noise is None:
                 continue
-            for params in self._group_buckets(group):
+            for params in self._group_buckets(tensors):
                 fresh = [p for p in params if p.requires_grad and p not in book.held]
                 if fresh:
                     self._launch(index, fresh, [None] * len(fresh), noise, restore=False,
                                  apply_offset=apply_offset)
                 for p in fresh:
                     book.held[p] = True
-            book.applied[index] = noise
+            if groups is None:
+                book.applied[index] = noise
 
     def _master_holder(self, p: torch.Tensor) -> dict:
         """The dict whose ``"master"`` entry is ``p``'s fp32 master: its optimizer state."""
@@ -569,9 +770,11 @@ class PerturbationMixin:
         """
         was_active = self._book.active
         self.remove_perturbation()
+        self._book.cleaning = was_active
         try:
             yield self
         finally:
+            self._book.cleaning = False
             if was_active:
                 self.apply_perturbation()
 
@@ -585,11 +788,15 @@ class PerturbationMixin:
         wrote them (a loaded checkpoint) are taken as theta_t. ``step()`` does this by itself, so
         it is only needed to train on from the same step, e.g. after saving clean weights between
         ``remove_perturbation()`` and the next forward (``integrations.hf.MergOptCallback``).
+
+        Under DeepSpeed ZeRO this (like ``remove_perturbation()`` and ``clean_weights()``) also
+        writes the partitions into the model's weights: a collective call, made on every rank.
         """
         self._follow_params()
         self._write_pass(apply_offset=0)
         self._book.active = True
         self._record_writes()
+        self._publish()
 
     @torch.no_grad()
     def remove_perturbation(self) -> None:
@@ -598,6 +805,12 @@ class PerturbationMixin:
         self._restore_pass()
         self._book.active = False
         self._record_writes()
+        self._publish()
+
+    def _publish(self) -> None:
+        """Under DeepSpeed ZeRO, copy the partitions into the model's weights (collective)."""
+        if self._book.deepspeed is not None:
+            self._book.deepspeed.publish()
 
     @property
     def seed(self) -> int:
@@ -611,6 +824,13 @@ class PerturbationMixin:
 
     def _mergopt_state(self) -> dict:
         return {"seed": self._book.seed, "noise_step": self.noise_step()}
+
+    def _deepspeed_saved_state(self) -> dict:
+        """Under DeepSpeed: which of the partitions now in ``param_groups`` (positions, in the
+        saved state's order) hold the perturbation, and whether the optimizer was active."""
+        book = self._book
+        params = [p for group in self.param_groups for p in group["params"]]
+        return {"held": [i for i, p in enumerate(params) if p in book.held], "active": book.active or book.cleaning}
 
     def _stamp_param_groups(self) -> dict:
         """Write the noise state into every live param group as ``mergopt_seed`` and
@@ -634,6 +854,8 @@ class PerturbationMixin:
         state["param_groups"] = [dict(group, mergopt_seed=saved["seed"], mergopt_noise_step=saved["noise_step"])
                                  for group in state["param_groups"]]
         state["mergopt"] = saved
+        if self._book.deepspeed is not None:
+            state["mergopt"] = {**saved, "deepspeed": self._deepspeed_saved_state()}
         return state
 
     @staticmethod
@@ -651,7 +873,7 @@ class PerturbationMixin:
                                  f"param_groups): it was not saved by {owner}")
             seed, step = found.pop()
             saved = {"seed": seed, "noise_step": step}
-        if not isinstance(saved, dict) or set(saved) != {"seed", "noise_step"}:
+        if not isinstance(saved, dict) or set(saved) - {"deepspeed"} != {"seed", "noise_step"}:
             raise ValueError("state_dict['mergopt'] must hold 'seed' and 'noise_step'")
         resolve_seed(saved["seed"])
         step = saved["noise_step"]
@@ -663,7 +885,27 @@ class PerturbationMixin:
         rest = {k: v for k, v in state_dict.items() if k != "mergopt"}
         rest["param_groups"] = [{k: v for k, v in g.items() if k not in ("mergopt_seed", "mergopt_noise_step")}
                                 for g in groups]
-        return {"seed": saved["seed"], "noise_step": step}, rest
+        return {"seed": saved["seed"], "noise_step": step, "deepspeed": saved.get("deepspeed")}, rest
+
+    def _finish_deepspeed_load(self, mergopt_state: dict, params: list) -> None:
+        """After the state of DeepSpeed's partitions ``params`` (in the saved order) was loaded:
+        take the noise state and which partitions held the perturbation when saved. Nothing is
+        written: DeepSpeed loads the saved partitions after this call."""
+        book = self._book
+        saved = mergopt_state.get("deepspeed")
+        if saved is None:
+            raise ValueError("state_dict was not saved under DeepSpeed ZeRO: its state cannot be mapped onto "
+                             "DeepSpeed's partitions")
+        book.known_groups = [(group, origin) for group, (_, origin) in zip(self.param_groups, book.known_groups)]
+        self._load_mergopt_state(mergopt_state)
+        book.held = {params[i]: True for i in saved["held"]}
+        book.active = bool(saved["active"]) or bool(book.held)
+        book.applied = {index: noise_options(group) for index, group, _ in self._groups()
+                        if noise_options(group) is not None}
+        book.stepped, book.pending = set(), {}
+        book.clean_after_load = book.active and not book.held
+        book.clear_caches()
+        self._record_writes()
 
     def _check_loadable_groups(self, saved_groups: list) -> None:
         """Raise ``ValueError``, before anything changes, unless ``saved_groups`` match this
@@ -684,6 +926,9 @@ class PerturbationMixin:
         parameter holds} (and, ``with_masters``, {"master": ...} of low-precision ones)."""
         book = self._book
         self._follow_params()
+        if book.deepspeed is not None:
+            raise ValueError("state_dict(perturbed=True) is not available under DeepSpeed ZeRO: "
+                             "engine.save_checkpoint() already saves the partitions as they are")
         entries = {}
         for index, group in enumerate(self.param_groups):
             if any(p in book.held for p in group["params"]) and book.applied.get(index) != noise_options(group):
@@ -719,6 +964,7 @@ class PerturbationMixin:
         take the noise state, write the saved ``perturbed`` values back (a bit-exact resume)
         and perturb the other noisy parameters."""
         book = self._book
+        self._remember_groups()  # torch's load_state_dict made new group dicts
         for group in self.param_groups:
             check_noise_options(group)
             self._make_state(group["params"])

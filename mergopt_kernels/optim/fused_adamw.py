@@ -33,6 +33,12 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
     When torch.distributed is initialised, building the optimizer is a collective call (every
     rank of the default group must build it) that makes all ranks use one seed.
 
+    DeepSpeed ZeRO (stages 1 to 3, fp32 or bf16): given to ``deepspeed.initialize`` as the
+    client optimizer, it updates DeepSpeed's flat fp32 partitions, each element with the noise
+    of its (parameter, index), and advances the noise once per engine step; under ZeRO,
+    ``clean_weights()``, ``remove_perturbation()`` and ``apply_perturbation()`` are collective
+    calls that also write the module's weights. See README "DeepSpeed ZeRO".
+
     Args:
         params: iterable of parameters (float32, bfloat16, float16; contiguous) or param groups.
         lr, betas, eps, weight_decay, amsgrad, maximize: as ``torch.optim.AdamW`` (numbers may be
@@ -81,6 +87,7 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group (checked first); after construction its params get the current noise."""
+        self._check_can_add_group()
         group = dict(param_group)
         group["params"] = pt.param_list(group["params"])
         for name, default in self.defaults.items():
@@ -103,7 +110,7 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
         pt.check_noise_options(group)
 
     def _init_state(self, params: list) -> None:
-        amsgrad_params = {p for g in self.param_groups if g["amsgrad"] for p in g["params"]}
+        amsgrad_params = {p for _, g, group_params in self._groups() if g["amsgrad"] for p in group_params}
         for p in params:
             state = self.state[p]
             if "step" in state:
@@ -129,12 +136,12 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
             if p.grad is not None and p.grad.is_sparse:
                 raise TypeError("FusedMergOptAdamW does not support sparse gradients")
         written: dict[int, dict] = {}  # group index -> the noise options this step applies
-        for index, group in enumerate(self.param_groups):
+        for index, group, group_params in self._step_groups():
             noise = pt.noise_options(group)
             applied = book.applied.get(index)
             if noise is not None:
                 written[index] = noise
-            for params in self._group_buckets(group):
+            for params in self._group_buckets(group_params):
                 self._step_bucket(index, group, params, noise, applied)
         self._end_step(written)
         return loss
@@ -209,18 +216,24 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
         state follow the parameters' device.
         """
         mergopt_state, state_dict = self._split_mergopt_state(state_dict, "FusedMergOptAdamW")
+        self._sync_deepspeed()
         self._check_loadable_groups(state_dict["param_groups"])
         # Converted before anything changes: a bad entry raises with the optimizer untouched.
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = self._all_params()
+        params = [p for g in self.param_groups for p in g["params"]]
         perturbed, saved_state = self._split_exact_entries(state_dict["state"], list(zip(saved_ids, params)))
         new_state = {p: _fp32_state(saved_state.get(saved_id, {}), p) for saved_id, p in zip(saved_ids, params)}
-        self.remove_perturbation()
+        deepspeed = self._book.deepspeed is not None
+        if not deepspeed:
+            self.remove_perturbation()
         without_state = {k: v for k, v in state_dict.items() if k != "state"}
         super().load_state_dict({**without_state, "state": {}})
         for p, entry in new_state.items():
             self.state[p] = entry
-        self._finish_load(mergopt_state, perturbed)
+        if deepspeed:
+            self._finish_deepspeed_load(mergopt_state, params)
+        else:
+            self._finish_load(mergopt_state, perturbed)
 
 
 def _fp32_state(entry: dict, p: torch.Tensor) -> dict:

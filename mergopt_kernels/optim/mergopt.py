@@ -19,8 +19,9 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
     fp32 copy of theta for the restore, held by the wrapper (not in ``base``'s state, which
     optimizers such as Adam fill lazily) and rebuilt from the clean parameters on load.
 
-    Outside writes, frozen, moved and cast parameters: as in ``FusedMergOptAdamW``; the
-    base's state follows a moved or cast parameter as torch's ``load_state_dict`` would.
+    Outside writes, frozen, moved and cast parameters, FSDP2 and DeepSpeed ZeRO: as in
+    ``FusedMergOptAdamW``; the base's state follows a moved or cast parameter as torch's
+    ``load_state_dict`` would. Under ZeRO, ``base`` steps DeepSpeed's fp32 partitions.
 
     Args:
         base: a constructed torch optimizer; its groups get the noise options below as defaults.
@@ -57,6 +58,7 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group to the base optimizer too (after construction)."""
+        self._check_can_add_group()
         if not self._started:
             super().add_param_group(param_group)
             return
@@ -81,6 +83,9 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
         Parameters that hold clean theta (written from outside, unfrozen) are not restored,
         frozen ones are not perturbed."""
         loss = self._begin_step(closure)
+        if self._book.deepspeed is not None:
+            self._deepspeed_step()
+            return loss
         self._restore_pass()
         self.base.step()
         for p in self._all_params():
@@ -90,6 +95,21 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
         self._write_pass(apply_offset=1)
         self._end_step(dict(self._book.applied))
         return loss
+
+    def _deepspeed_step(self) -> None:
+        """The step of the DeepSpeed (sub-)groups now in ``param_groups`` (fp32 partitions: no
+        masters); ``base`` steps only those."""
+        groups = self._step_groups()
+        self._restore_pass(groups)
+        all_groups = self.base.param_groups
+        self.base.param_groups = [group for _, group, _ in groups]
+        try:
+            self.base.step()
+        finally:
+            self.base.param_groups = all_groups
+        self._write_pass(apply_offset=1, groups=groups)
+        self._end_step({index: pt.noise_options(group) for index, group, _ in groups
+                        if pt.noise_options(group) is not None})
 
     def _master_holder(self, p: torch.Tensor) -> dict:
         return self._masters.setdefault(p, {})
@@ -118,17 +138,26 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state saved by ``state_dict()`` (see ``FusedMergOptAdamW.load_state_dict``)."""
         mergopt_state, state_dict = self._split_mergopt_state(state_dict, "MergOpt")
+        self._sync_deepspeed()
         self._check_loadable_groups(state_dict["param_groups"])
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        pairs = list(zip(saved_ids, self._all_params()))
+        params = [p for g in self.param_groups for p in g["params"]]
+        pairs = list(zip(saved_ids, params))
         masters, base_state = _split_masters(state_dict["state"], pairs)
         perturbed, base_state = self._split_exact_entries(base_state, pairs, "mergopt_perturbed")
-        self.remove_perturbation()
+        deepspeed = self._book.deepspeed is not None
+        if deepspeed:  # DeepSpeed put the partitions it saves into param_groups, not into base's
+            self.base.param_groups = self.param_groups
+        else:
+            self.remove_perturbation()
         self.base.load_state_dict({**state_dict, "state": base_state})
         self.param_groups = self.base.param_groups
         self.state = self.base.state
         self._masters = {p: {"master": master} for p, master in masters.items()}
-        self._finish_load(mergopt_state, perturbed)
+        if deepspeed:
+            self._finish_deepspeed_load(mergopt_state, params)
+        else:
+            self._finish_load(mergopt_state, perturbed)
 
 
 def _split_masters(state: dict, pairs: list) -> tuple[dict, dict]:

@@ -1,0 +1,187 @@
+"""DeepSpeed ZeRO: where each element of DeepSpeed's flat fp32 partitions comes from.
+
+ZeRO (stages 1, 2 and 3) replaces the parameters of the optimizer it is given (the "client"
+optimizer) by flat fp32 partitions: on each rank, one tensor per param group (stages 1 and 2)
+or per sub-group (stage 3) that concatenates this rank's slices of the parameters. The
+optimizer updates those; DeepSpeed then copies them into the model's weights. Every element of
+a partition draws the noise of its (parameter, index) in the whole parameter, so this module
+maps each partition back to its segments, and writes partitions into the model (``publish``)
+when the optimizer changed them outside DeepSpeed's step (``clean_weights()`` and the like).
+
+Nothing here imports DeepSpeed: the layouts are read from the ZeRO optimizer object, whose
+attributes are those of DeepSpeed 0.19 (``deepspeed.runtime.zero``); a version that lacks them
+gets an error that names the attribute.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+SUPPORTED = "ZeRO stages 1, 2 and 3 on fp32 partitions, without offload"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Elements ``[start, start + length)`` of the flattened ``param`` held at
+    ``[offset, offset + length)`` of a partition."""
+    param: torch.Tensor
+    start: int
+    offset: int
+    length: int
+
+
+class ZeroLayout:
+    """The partitions one rank's ZeRO optimizer gives the client optimizer, and their segments.
+
+    Attributes:
+        owner: the DeepSpeed ZeRO optimizer (its ``.optimizer`` is the client optimizer).
+        partitions: the flat fp32 tensors this rank updates, in DeepSpeed's order.
+        segments: partition -> its segments (a partition may also end in padding, which no
+            segment covers and which the optimizer leaves alone).
+        members: partition -> the parameters of its DeepSpeed (sub-)group, whether or not
+            this rank holds a slice of them (a rank may hold only padding).
+    """
+
+    def __init__(self, owner, partitions: list, segments: dict, members: dict):
+        self.owner = owner
+        self.partitions = partitions
+        self.segments = segments
+        self.members = members
+
+    def publish(self) -> None:
+        """Copy the partitions into the model's weights (a collective call under stages 1 and 2,
+        and under stage 3 with persistent parameters: every rank must make it)."""
+        raise NotImplementedError
+
+
+class Stage12Layout(ZeroLayout):
+    """``DeepSpeedZeroOptimizer`` (stages 1 and 2): one partition per param group, the rank's
+    equal share of the group's parameters flattened in DeepSpeed's order (round robin or not),
+    each at ``round_robin_bit16_offsets``."""
+
+    def __init__(self, owner):
+        import torch.distributed as dist
+
+        partitions, segments, members = [], {}, {}
+        for i, partition in enumerate(_attribute(owner, "single_partition_of_fp32_groups")):
+            rank = dist.get_rank(group=_attribute(owner, "real_dp_process_group")[i])
+            size = int(_attribute(owner, "partition_size")[i])
+            begin, end = rank * size, (rank + 1) * size
+            pieces = []
+            for param, meta, offset in zip(_attribute(owner, "round_robin_bit16_groups")[i],
+                                           _attribute(owner, "round_robin_bit16_meta")[i],
+                                           _attribute(owner, "round_robin_bit16_offsets")[i]):
+                low, high = max(offset, begin), min(offset + meta.numel(), end)
+                if high > low:
+                    pieces.append(Segment(param, low - offset, low - begin, high - low))
+            partitions.append(partition)
+            segments[partition] = pieces
+            members[partition] = list(_attribute(owner, "bit16_groups")[i])
+        super().__init__(owner, partitions, segments, members)
+
+    def publish(self) -> None:
+        self.owner.update_lp_params()
+
+
+class Stage3Layout(ZeroLayout):
+    """``DeepSpeedZeroOptimizer_Stage3``: one partition per sub-group, the concatenation of the
+    rank's slice (``ds_tensor``) of each parameter of the sub-group. A parameter of ``n``
+    elements is cut in slices of ``ceil(n / world)`` elements (the last one padded); the rank's
+    slice starts at ``rank * ceil(n / world)``."""
+
+    def __init__(self, owner):
+        import torch.distributed as dist
+
+        partitions, segments, members = [], {}, {}
+        for sub_group, params in enumerate(_attribute(owner, "fp16_groups")):
+            partition = _attribute(owner, "fp32_partitioned_groups_flat")[sub_group]
+            pieces, offset = [], 0
+            for param in params:
+                slice_size = int(param.ds_tensor.ds_numel)
+                start = slice_size * dist.get_rank(group=param.ds_process_group)
+                length = min(slice_size, int(param.ds_numel) - start)
+                if length > 0:
+                    pieces.append(Segment(param, start, offset, length))
+                offset += slice_size
+            partitions.append(partition)
+            segments[partition] = pieces
+            members[partition] = list(params)
+        super().__init__(owner, partitions, segments, members)
+
+    def publish(self) -> None:
+        # As DeepSpeed around a checkpoint: release the gathered parameters (the persistent
+        # ones stay gathered between steps), write the slices, gather the persistent ones again.
+        owner = self.owner
+        owner.checkpoint_event_prologue()
+        for sub_group in range(len(self.partitions)):
+            owner._reassign_or_swap_out_partitioned_parameters(sub_group)
+        owner.checkpoint_event_epilogue()
+
+
+def _attribute(owner, name: str):
+    if not hasattr(owner, name):
+        raise RuntimeError(f"DeepSpeed's {type(owner).__name__} has no attribute {name!r}: this DeepSpeed "
+                           "version is not supported (supported: 0.19)")
+    return getattr(owner, name)
+
+
+def find_owner(optimizer) -> Optional[object]:
+    """The DeepSpeed object whose ``.optimizer`` is ``optimizer`` (its ZeRO or mixed-precision
+    wrapper), or None.
+
+    DeepSpeed gives the client optimizer no reference to its wrapper, so the wrapper is found
+    among the objects that refer to the optimizer (once per optimizer: it scans the heap)."""
+    if "deepspeed" not in sys.modules:
+        return None
+    for referrer in gc.get_referrers(optimizer):
+        owners = [referrer]
+        if isinstance(referrer, dict):  # an instance's __dict__: find its instance
+            owners = [o for o in gc.get_referrers(referrer) if getattr(o, "__dict__", None) is referrer]
+        for owner in owners:
+            if getattr(owner, "optimizer", None) is optimizer and \
+                    type(owner).__module__.startswith("deepspeed.") and type(owner).__name__ != "DeepSpeedEngine":
+                return owner
+    return None
+
+
+def layout_of(owner) -> ZeroLayout:
+    """The layout of ``owner``'s partitions; ``ValueError`` naming the configuration when it is
+    one this optimizer does not support."""
+    name = type(owner).__name__
+    if name == "DeepSpeedZeroOptimizer":
+        if getattr(owner, "cpu_offload", False):
+            raise ValueError("DeepSpeed zero_optimization.offload_optimizer is not supported with "
+                             f"FusedMergOptAdamW/MergOpt (supported: {SUPPORTED})")
+        if getattr(owner, "has_moe_layers", False):
+            raise ValueError(f"DeepSpeed ZeRO with MoE layers is not supported (supported: {SUPPORTED})")
+        layout = Stage12Layout(owner)
+    elif name == "DeepSpeedZeroOptimizer_Stage3":
+        for flag, setting in (("offload_optimizer", "offload_optimizer"), ("offload_param", "offload_param"),
+                              ("swap_optimizer", "offload_optimizer.device=nvme")):
+            if getattr(owner, flag, False):
+                raise ValueError(f"DeepSpeed zero_optimization.{setting} is not supported with "
+                                 f"FusedMergOptAdamW/MergOpt (supported: {SUPPORTED})")
+        if getattr(owner, "zero_hpz_partition_size", 1) > 1:
+            raise ValueError("DeepSpeed zero_optimization.zero_hpz_partition_size > 1 (ZeRO++) is not supported "
+                             f"(supported: {SUPPORTED})")
+        layout = Stage3Layout(owner)
+    elif name in ("FP16_Optimizer", "FP16_UnfusedOptimizer", "BF16_Optimizer"):
+        setting = ("bf16 at zero_optimization.stage 1 with data_types.grad_accum_dtype fp32" if name == "BF16_Optimizer"
+                   else "fp16, or bf16 without ZeRO (zero_optimization.stage 0)")
+        raise ValueError(
+            f"DeepSpeed wrapped FusedMergOptAdamW/MergOpt in its {name} for {setting}: not supported. Use "
+            "zero_optimization.stage 1, 2 or 3 with bf16 (gradients accumulated in bf16, DeepSpeed's default) or "
+            f"fp32 (supported: {SUPPORTED})")
+    else:
+        raise ValueError(f"DeepSpeed's {name} wraps FusedMergOptAdamW/MergOpt: not supported "
+                         f"(supported: {SUPPORTED})")
+    for partition in layout.partitions:
+        if partition.dtype != torch.float32:
+            raise ValueError(f"DeepSpeed gave {partition.dtype} partitions (master_weights_and_grads_dtype): "
+                             "FusedMergOptAdamW/MergOpt update fp32 master weights only")
+    return layout
