@@ -9,10 +9,11 @@ STAMP := $(VENV)/.mergopt-installed
 
 .PHONY: setup demo test aot-full kernel-cost gpu-check gpu-check-dry
 
-$(STAMP): requirements.txt requirements-test.txt setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+$(STAMP): requirements.txt requirements-test.txt requirements-deepspeed.txt setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
+	$(PY) -m pip install -q --no-build-isolation -r requirements-deepspeed.txt
 	MERGOPT_NO_NATIVE=1 $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	$(PY) setup.py -q build_ext --inplace
 	touch $@
@@ -22,8 +23,9 @@ setup: $(STAMP)
 demo: setup
 	$(PY) -m mergopt_kernels demo
 
+# DeepSpeed JIT-builds a C++ op against the running torch: one build folder per venv.
 test: setup
-	$(PY) -m pytest python_tests -q
+	TORCH_EXTENSIONS_DIR=$(CURDIR)/$(VENV)/torch_extensions $(PY) -m pytest python_tests -q
 	$(PY) -m pytest bench -q
 	PYTHON=$(PY) bash .ci/native.sh
 

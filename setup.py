@@ -171,7 +171,9 @@ setup(
     # "demo": python -m mergopt_kernels demo. "hf": mergopt_kernels.integrations.hf
     # (MergOptCallback for transformers.Trainer), tested with requirements-test.txt's pins.
     extras_require={"demo": ["scikit-learn", "matplotlib", "tqdm"],
-                    "hf": ["transformers>=4.46", "accelerate>=1.0"]},
+                    "hf": ["transformers>=4.46", "accelerate>=1.0"],
+                    # Tested with 0.19.8; the ZeRO layouts are read from its optimizer objects.
+                    "deepspeed": ["deepspeed>=0.19,<0.20"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={"console_scripts": ["mergopt-kernels = mergopt_kernels.__main__:main"]},

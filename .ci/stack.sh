@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test suite on another torch stack than requirements.txt's, as CI runs it:
 #   bash .ci/stack.sh NAME PIN...        e.g.  bash .ci/stack.sh oldest torch==2.11.0 triton==3.6.0
-# 1. a venv build/stacks/NAME-venv with the pins and the rest of requirements*.txt,
+# 1. a venv build/stacks/NAME-venv with the pins and the rest of requirements*.txt (DeepSpeed
+#    without build isolation, against that torch),
 # 2. a copy of the working tree in build/stacks/NAME with its own in-place native build against
 #    that torch (the pinned stack's build in the tree stays as it is),
 # 3. .ci/check_native.py there: that torch loads that build, with the CUDA op where torch has CUDA
@@ -21,6 +22,8 @@ echo "== stack $name: $*"
 test -x "$py" || python3 -m venv "$venv"
 grep -vE '^(torch|triton)([=<>!~ ]|$)' requirements.txt >"$stacks/$name-requirements.txt"
 "$py" -m pip install -q "$@" -r "$stacks/$name-requirements.txt" -r requirements-test.txt
+"$py" -m pip install -q --no-build-isolation -r requirements-deepspeed.txt
+export TORCH_EXTENSIONS_DIR=$venv/torch_extensions  # DeepSpeed's JIT op, built against this torch
 rm -rf "$tree"
 mkdir -p "$tree"
 git ls-files -z --cached --others --exclude-standard | tar -c --null -T - | tar -x -C "$tree"
