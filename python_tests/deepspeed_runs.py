@@ -2,9 +2,11 @@
 for test_deepspeed.py. Every rank feeds the same batches, so DeepSpeed's gradient average
 (g + g) / 2 is exact and a ZeRO run can be compared with a 1-process run element by element.
 
-A case is a dict: ``stage`` (1, 2, 3), ``dtype`` ("fp32" or "bf16"), ``sub_group_size``
+A case is a dict: ``stage`` (0 to 3), ``dtype`` ("fp32" or "bf16"), ``sub_group_size``
 (stage 3; None: DeepSpeed's default), ``optimizer`` ("fused": FusedMergOptAdamW, "mergopt":
-MergOpt around torch AdamW).
+MergOpt around torch AdamW), ``zero_options`` (more zero_optimization keys), ``empty_group``
+(an empty param group first, which DeepSpeed's engine drops) and ``load_before`` (other
+weights loaded into the model after the optimizer is built, before DeepSpeed takes it).
 """
 
 from __future__ import annotations
@@ -30,13 +32,16 @@ def make_model(dtype: str) -> torch.nn.Module:
     return model.to(DTYPES[dtype])
 
 
-def make_optimizer(model: torch.nn.Module, kind: str, seed: int = SEED):
-    """Two groups: the weights with noise, the biases without (as README advises for norms)."""
+def make_optimizer(model: torch.nn.Module, kind: str, seed: int = SEED, empty_group: bool = False):
+    """Two groups: the weights with noise, the biases without (as README advises for norms);
+    ``empty_group``: an empty one before them."""
     from mergopt_kernels import FusedMergOptAdamW, MergOpt
 
     weights = [p for name, p in model.named_parameters() if name.endswith("weight")]
     biases = [p for name, p in model.named_parameters() if name.endswith("bias")]
     groups = [{"params": weights}, {"params": biases, "noise_scale": 0.0}]
+    if empty_group:
+        groups.insert(0, {"params": [], "noise_scale": 0.0})
     if kind == "fused":
         return FusedMergOptAdamW(groups, **OPT_KWARGS, seed=seed)
     base = torch.optim.AdamW(groups, lr=OPT_KWARGS["lr"], weight_decay=OPT_KWARGS["weight_decay"])
@@ -56,8 +61,7 @@ def reference(case: dict, steps: int = STEPS) -> dict:
     """The 1-process run: the weights after construction (perturbed), the losses (at the
     perturbed weights) of ``steps`` steps, the clean weights then and their exact fp32 theta
     (bf16 parameters: the masters), and the loss of one more step and the weights after it."""
-    model = make_model(case["dtype"])
-    opt = make_optimizer(model, case["optimizer"])
+    model, opt = model_and_optimizer(case)
     first = {name: p.detach().clone() for name, p in model.named_parameters()}
     losses = []
     for step in range(steps):
@@ -103,6 +107,8 @@ def masters(engine) -> dict:
     """DeepSpeed's fp32 master of every parameter, whole (a collective call)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
+    if engine.zero_optimization_stage() == 0:  # the optimizer updates the module's parameters
+        return {name: p.detach().float().clone() for name, p in engine.module.named_parameters()}
     return {name: safe_get_full_fp32_param(p).detach().clone() for name, p in engine.module.named_parameters()}
 
 
@@ -116,11 +122,21 @@ def train(engine, case: dict, steps) -> list:
     return losses
 
 
+def model_and_optimizer(case: dict):
+    model = make_model(case["dtype"])
+    opt = make_optimizer(model, case["optimizer"], empty_group=case.get("empty_group", False))
+    if case.get("load_before"):
+        torch.manual_seed(1)
+        other = torch.nn.Sequential(torch.nn.Linear(13, 37), torch.nn.Tanh(), torch.nn.Linear(37, 5),
+                                    torch.nn.Tanh(), torch.nn.Linear(5, 1))
+        model.load_state_dict(other.state_dict())  # clean theta, written from outside
+    return model, opt
+
+
 def initialize(case: dict):
     import deepspeed
 
-    model = make_model(case["dtype"])
-    opt = make_optimizer(model, case["optimizer"])
+    model, opt = model_and_optimizer(case)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(case))
     return engine, opt
 
@@ -145,12 +161,16 @@ def run_cases(rank: int, world_size: int, cases: list, out_dir: str) -> None:
 
 def run_resume(rank: int, world_size: int, case: dict, out_dir: str) -> None:
     """Save a checkpoint after 2 of 4 steps (``clean`` False: as the run stands; True: inside
-    ``clean_weights()``, then ``apply_perturbation()`` after loading), resume it in a new engine
-    and compare with the uninterrupted run; also write the clean exports of the final model."""
+    ``clean_weights()``), train 2 more steps, load it back into that engine and train them again;
+    resume it in a new engine (with ``clean``, then ``apply_perturbation()``); compare both with
+    the uninterrupted run; also write the clean exports of the final model.
+    The noise scale changes before the save: the held perturbation is restored with the
+    options that wrote it."""
     results = {}
     for clean in (False, True):
         engine, opt = initialize(case)
         train(engine, case, range(2))
+        opt.param_groups[0]["noise_scale"] = 2 * OPT_KWARGS["noise_scale"]
         folder = os.path.join(out_dir, f"ckpt-{clean}")
         if clean:
             with opt.clean_weights():
@@ -160,6 +180,8 @@ def run_resume(rank: int, world_size: int, case: dict, out_dir: str) -> None:
         straight = train(engine, case, range(2, 4))
         with opt.clean_weights():
             straight_weights = masters(engine)
+        engine.load_checkpoint(folder, tag="t2")  # into the engine that stepped: no call needed
+        reloaded = train(engine, case, range(2, 4))
         engine, opt = initialize(case)
         engine.load_checkpoint(folder, tag="t2")
         if clean:
@@ -170,7 +192,7 @@ def run_resume(rank: int, world_size: int, case: dict, out_dir: str) -> None:
             export = os.path.join(out_dir, f"export-{clean}")
             engine.save_checkpoint(export, tag="final")
             engine.save_16bit_model(export, "model16.bin")
-        results[clean] = {"straight": straight, "resumed": resumed, "straight_weights": straight_weights,
+        results[clean] = {"straight": straight, "resumed": resumed, "reloaded": reloaded, "straight_weights": straight_weights,
                           "resumed_weights": resumed_weights, "clean_weights": clean_weights,
                           **exports(export, "final", os.path.join(export, "model16.bin"))}
     if rank == 0:

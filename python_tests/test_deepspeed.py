@@ -28,20 +28,25 @@ pytestmark = [pytest.mark.deepspeed,
               pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")]
 
 
-def _case(stage, dtype, optimizer="fused", sub_group_size=None, **zero_options):
+def _case(stage, dtype, optimizer="fused", sub_group_size=None, empty_group=False, load_before=False,
+          **zero_options):
     name = f"zero{stage}-{dtype}-{optimizer}" + (f"-subgroup{sub_group_size}" if sub_group_size else "")
+    name += "".join(f"-{key}" for key, on in (("empty_group", empty_group), ("load_before", load_before)) if on)
     name += "".join(f"-{key}" for key in zero_options)
     return dict(name=name, stage=stage, dtype=dtype, optimizer=optimizer, sub_group_size=sub_group_size,
-                zero_options=zero_options)
+                empty_group=empty_group, load_before=load_before, zero_options=zero_options)
 
 
 # Stage 3 with sub_group_size=64 cuts this rank's 337 noisy elements into 3 sub-groups (plus one
 # for the biases): DeepSpeed calls step() 4 times per engine step. Stages 1 and 2 lay the
 # parameters out in another order with round_robin_gradients, with gaps with parameter_alignment.
+# DeepSpeed's engine drops empty param groups at every stage (stage 0 leaves the optimizer
+# alone otherwise); weights loaded into the model before deepspeed.initialize are clean theta.
 CASES = [_case(1, "fp32"), _case(2, "fp32"), _case(3, "fp32"), _case(3, "fp32", sub_group_size=64),
          _case(2, "fp32", round_robin_gradients=True, parameter_alignment=True),
          _case(1, "bf16"), _case(2, "bf16"), _case(3, "bf16", sub_group_size=64),
-         _case(2, "fp32", "mergopt"), _case(3, "fp32", "mergopt", sub_group_size=64)]
+         _case(2, "fp32", "mergopt", empty_group=True), _case(3, "fp32", "mergopt", sub_group_size=64),
+         _case(0, "fp32", empty_group=True), _case(2, "bf16", load_before=True), _case(3, "fp32", load_before=True)]
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +101,7 @@ def test_checkpoints_resume_the_run_and_exports_are_clean(tmp_path, case):
     results = torch.load(tmp_path / "resume.pt")
     for clean, result in results.items():
         assert result["resumed"] == result["straight"], clean
+        assert result["reloaded"] == result["straight"], clean
         for name, theta in result["straight_weights"].items():
             assert torch.equal(result["resumed_weights"][name], theta), (clean, name)
         fp32, sixteen, module = result["zero_to_fp32"], result["sixteen_bit"], result["module"]

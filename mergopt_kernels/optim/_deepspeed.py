@@ -22,7 +22,12 @@ from typing import Optional
 
 import torch
 
-SUPPORTED = "ZeRO stages 1, 2 and 3 on fp32 partitions, without offload"
+SUPPORTED = "ZeRO stages 1, 2 and 3, fp32 or bf16, without offload"
+# The DeepSpeed classes that can wrap a client optimizer and hand it other tensors.
+ZERO_OPTIMIZERS = ("DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3")
+MIXED_PRECISION_WRAPPERS = ("FP16_Optimizer", "FP16_UnfusedOptimizer", "BF16_Optimizer")
+# The methods with which DeepSpeed rewrites the partitions when it loads a checkpoint.
+LOADS = ("load_state_dict", "_restore_from_bit16_weights", "refresh_fp32_params")
 
 
 @dataclass(frozen=True)
@@ -52,11 +57,37 @@ class ZeroLayout:
         self.partitions = partitions
         self.segments = segments
         self.members = members
+        self._loading = 0
 
     def publish(self) -> None:
         """Copy the partitions into the model's weights (a collective call under stages 1 and 2,
         and under stage 3 with persistent parameters: every rank must make it)."""
         raise NotImplementedError
+
+    def watch_loads(self, after_load) -> None:
+        """Call ``after_load()`` whenever one of ``owner``'s checkpoint loads (``LOADS``) has
+        rewritten the partitions, once per outermost call.
+
+        DeepSpeed writes the partitions through ``.data``, which no version counter sees, and
+        loads without optimizer states (``load_module_only``, ``load_optimizer_states=False``)
+        do not call the client optimizer at all: the loads themselves are wrapped, on this
+        ``owner`` object only."""
+        for name in LOADS:
+            method = getattr(self.owner, name, None)
+            if method is None:
+                continue
+
+            def watched(*args, _method=method, **kwargs):
+                self._loading += 1
+                try:
+                    result = _method(*args, **kwargs)
+                finally:
+                    self._loading -= 1
+                if self._loading == 0:
+                    after_load()
+                return result
+
+            setattr(self.owner, name, watched)
 
 
 class Stage12Layout(ZeroLayout):
@@ -135,24 +166,37 @@ def find_owner(optimizer) -> Optional[object]:
     wrapper), or None.
 
     DeepSpeed gives the client optimizer no reference to its wrapper, so the wrapper is found
-    among the objects that refer to the optimizer (once per optimizer: it scans the heap)."""
+    among the objects that refer to the optimizer (once per optimizer: it scans the heap).
+    DeepSpeed's engine and LR schedulers also hold the optimizer as ``.optimizer``; other
+    DeepSpeed wrappers are returned, to be refused by ``layout_of``."""
     if "deepspeed" not in sys.modules:
         return None
+    candidates = []
     for referrer in gc.get_referrers(optimizer):
         owners = [referrer]
         if isinstance(referrer, dict):  # an instance's __dict__: find its instance
             owners = [o for o in gc.get_referrers(referrer) if getattr(o, "__dict__", None) is referrer]
         for owner in owners:
-            if getattr(owner, "optimizer", None) is optimizer and \
-                    type(owner).__module__.startswith("deepspeed.") and type(owner).__name__ != "DeepSpeedEngine":
-                return owner
-    return None
+            kind = type(owner)
+            if getattr(owner, "optimizer", None) is optimizer and kind.__module__.startswith("deepspeed.") and \
+                    kind.__name__ != "DeepSpeedEngine" and not kind.__module__.startswith("deepspeed.runtime.lr_schedules"):
+                candidates.append(owner)
+    known = [o for o in candidates if type(o).__name__ in ZERO_OPTIMIZERS + MIXED_PRECISION_WRAPPERS]
+    return (known or candidates or [None])[0]
 
 
 def layout_of(owner) -> ZeroLayout:
     """The layout of ``owner``'s partitions; ``ValueError`` naming the configuration when it is
     one this optimizer does not support."""
     name = type(owner).__name__
+    if name in ZERO_OPTIMIZERS and getattr(owner, "dtype", None) == torch.float16:
+        raise ValueError(f"DeepSpeed fp16 (loss scaling) is not supported with FusedMergOptAdamW/MergOpt "
+                         f"(supported: {SUPPORTED})")
+    if name in ZERO_OPTIMIZERS and getattr(owner, "zenflow", False):
+        raise ValueError(f"DeepSpeed zero_optimization.zenflow is not supported (supported: {SUPPORTED})")
+    if name in ZERO_OPTIMIZERS and getattr(owner, "elastic_checkpoint", False):
+        raise ValueError("DeepSpeed zero_optimization.elastic_checkpoint is not supported: its checkpoints keep "
+                         f"the optimizer state without this optimizer's noise state (supported: {SUPPORTED})")
     if name == "DeepSpeedZeroOptimizer":
         if getattr(owner, "cpu_offload", False):
             raise ValueError("DeepSpeed zero_optimization.offload_optimizer is not supported with "
@@ -170,7 +214,7 @@ def layout_of(owner) -> ZeroLayout:
             raise ValueError("DeepSpeed zero_optimization.zero_hpz_partition_size > 1 (ZeRO++) is not supported "
                              f"(supported: {SUPPORTED})")
         layout = Stage3Layout(owner)
-    elif name in ("FP16_Optimizer", "FP16_UnfusedOptimizer", "BF16_Optimizer"):
+    elif name in MIXED_PRECISION_WRAPPERS:
         setting = ("bf16 at zero_optimization.stage 1 with data_types.grad_accum_dtype fp32" if name == "BF16_Optimizer"
                    else "fp16, or bf16 without ZeRO (zero_optimization.stage 0)")
         raise ValueError(

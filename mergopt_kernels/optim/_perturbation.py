@@ -270,6 +270,8 @@ class PerturbationBook:
         self.index_bases: dict = {}
         self.known_groups: list = []
         self.known_ids: tuple = ()
+        self.known_group_ids: list = []
+        self.state_loaded = False  # a DeepSpeed load called load_state_dict()
         self.deepspeed: Optional[_deepspeed.ZeroLayout] = None
         self.deepspeed_searched: Optional[tuple] = None
         self.partition_group: dict = {}
@@ -341,6 +343,7 @@ class PerturbationMixin:
         book = self._book
         book.known_groups = [(group, list(group["params"])) for group in self.param_groups]
         book.known_ids = tuple(id(p) for group in self.param_groups for p in group["params"])
+        book.known_group_ids = [id(group) for group in self.param_groups]
 
     def _groups(self) -> list[tuple[int, dict, list]]:
         """(index, group, the tensors the optimizer updates for it) for every group: its params,
@@ -366,6 +369,9 @@ class PerturbationMixin:
             if id(group) not in index_of or unknown:
                 raise ValueError("DeepSpeed handed this optimizer a param group or tensor that is not one of the "
                                  "partitions it mapped when it was attached to DeepSpeed")
+            if any(p in book.stepped for p in group["params"]):
+                raise ValueError("DeepSpeed stepped a partition twice before stepping all the others: the noise "
+                                 "advances once every partition was stepped (a skipped group is not supported)")
             chosen.append((index_of[id(group)], group, list(group["params"])))
         return chosen
 
@@ -379,12 +385,30 @@ class PerturbationMixin:
         if book.deepspeed is not None or "deepspeed" not in sys.modules or torch.compiler.is_compiling():
             return
         current = tuple(id(p) for group in self.param_groups for p in group["params"])
-        if current == book.known_ids or book.deepspeed_searched == current:
+        if current == book.known_ids:
+            group_ids = [id(group) for group in self.param_groups]
+            if group_ids != book.known_group_ids:  # DeepSpeed's engine drops empty groups in place
+                self._follow_group_indices(group_ids)
             return
-        book.deepspeed_searched = current
+        if book.deepspeed_searched == current:
+            return
         owner = _deepspeed.find_owner(self)
-        if owner is not None:
-            self._attach_deepspeed(_deepspeed.layout_of(owner))
+        if owner is None:
+            book.deepspeed_searched = current
+            return
+        layout = _deepspeed.layout_of(owner)
+        self._attach_deepspeed(layout)
+        layout.watch_loads(self._after_deepspeed_load)
+
+    def _follow_group_indices(self, group_ids: list) -> None:
+        """The param groups were dropped or reordered (the same dicts, the same parameters):
+        the options of the perturbation each holds follow it to its new index."""
+        book = self._book
+        old = {group_id: index for index, group_id in enumerate(book.known_group_ids)}
+        book.applied = {new: book.applied[old[group_id]] for new, group_id in enumerate(group_ids)
+                        if old.get(group_id) in book.applied}
+        self._remember_groups()
+        book.clear_caches()
 
     def _begin_step(self, closure: Optional[Callable[[], torch.Tensor]]) -> Optional[torch.Tensor]:
         """What every step does first: run the closure (at the perturbed weights), check every
@@ -617,18 +641,19 @@ class PerturbationMixin:
         A partition holds what its parameters held when DeepSpeed copied them: theta_t + s_t z_t
         for a perturbed fp32 parameter, else theta_t (bf16/fp16 segments take theta_t from
         their exact fp32 masters). Unless every segment holds the perturbation exactly, the
-        perturbed segments are restored and the whole partition perturbed again, so each
-        partition is either clean or perturbed. An fp32 parameter that DeepSpeed cast to bf16
+        perturbed segments are restored, so each partition is either perturbed or clean; a clean
+        one is perturbed by the next step (as a parameter written from outside) or
+        ``apply_perturbation()``. Nothing is written into the module: it still holds what each
+        parameter held. An fp32 parameter that DeepSpeed cast to bf16
         (a bf16 config with an fp32 model) while it held the perturbation starts from
         bf16(theta + s z) - s z, within a bf16 rounding of theta, as DeepSpeed's own
         bf16(theta) is. The parameters' own state is dropped (DeepSpeed's partitions
         replace it), so the optimizer must not have stepped yet."""
         book = self._book
         kept = [index for index, (_, params) in enumerate(book.known_groups) if params]
-        book.applied = {kept.index(i): noise for i, noise in book.applied.items() if i in kept}
-        book.known_groups = [book.known_groups[i] for i in kept]  # DeepSpeed drops empty groups
-        origin = [p for _, params in book.known_groups for p in params]
-        group_of = {p: index for index, (_, params) in enumerate(book.known_groups) for p in params}
+        known_groups = [book.known_groups[i] for i in kept]  # DeepSpeed's engine drops empty groups
+        origin = [p for _, params in known_groups for p in params]
+        group_of = {p: index for index, (_, params) in enumerate(known_groups) for p in params}
         for p in origin:
             step = self.state.get(p, {}).get("step")
             if step is not None and float(step) != 0.0:
@@ -641,9 +666,15 @@ class PerturbationMixin:
                     len({group_of[p] for p in members}) != 1:
                 raise ValueError("DeepSpeed partitioned parameters that are not this optimizer's param groups")
             partition_group[partition] = group_of[members[0]]
+        book.applied = {kept.index(i): noise for i, noise in book.applied.items() if i in kept}
+        book.known_groups = known_groups
         book.noise_ids = {p: i for i, p in enumerate(origin)}
         book.deepspeed, book.partition_group = layout, partition_group
-        was_held, old_masters = dict(book.held), {p: self._master_holder(p).get("master") for p in origin}
+        # Parameters written since the optimizer last wrote them (a checkpoint loaded into the
+        # model before deepspeed.initialize) hold clean theta, which DeepSpeed copied.
+        written = {p for p in origin if book.versions_known and book.written.get(p) != version_of(p)}
+        was_held = {p for p in book.held if p not in written}
+        old_masters = {p: None if p in written else self._master_holder(p).get("master") for p in origin}
         # fp32 parameters that DeepSpeed cast to bf16/fp16 (its bf16/fp16 configs cast the model)
         # while they held theta + s z: their partitions hold the rounded values, not exact ones.
         cast = {p for p in origin if book.layout.get(p, (None, p.dtype))[1] != p.dtype}
@@ -652,6 +683,7 @@ class PerturbationMixin:
             self.state.pop(p, None)
             self.__dict__.get("_masters", {}).pop(p, None)
             book.layout.pop(p, None)
+            book.written.pop(p, None)
         book.clear_caches()
         with torch.no_grad():
             self._make_state(layout.partitions)
@@ -668,8 +700,6 @@ class PerturbationMixin:
                     book.held[partition] = True
                 elif held and noise is not None:
                     self._restore_segments(partition, held, noise)
-            if book.active:
-                self._write_pass(apply_offset=0)
         self._record_writes()
 
     def _restore_segments(self, partition: torch.Tensor, segments: list, noise: dict) -> None:
@@ -830,7 +860,8 @@ class PerturbationMixin:
         saved state's order) hold the perturbation, and whether the optimizer was active."""
         book = self._book
         params = [p for group in self.param_groups for p in group["params"]]
-        return {"held": [i for i, p in enumerate(params) if p in book.held], "active": book.active or book.cleaning}
+        return {"held": [i for i, p in enumerate(params) if p in book.held], "active": book.active or book.cleaning,
+                "applied": dict(book.applied)}
 
     def _stamp_param_groups(self) -> dict:
         """Write the noise state into every live param group as ``mergopt_seed`` and
@@ -887,25 +918,51 @@ class PerturbationMixin:
                                 for g in groups]
         return {"seed": saved["seed"], "noise_step": step, "deepspeed": saved.get("deepspeed")}, rest
 
+    def _check_deepspeed_state(self, mergopt_state: dict, params: list) -> None:
+        """Under DeepSpeed ZeRO, raise ``ValueError`` before anything changes unless the state was
+        saved under ZeRO for partitions like ``params`` (the partitions being loaded)."""
+        if self._book.deepspeed is None:
+            return
+        saved = mergopt_state.get("deepspeed")
+        if not isinstance(saved, dict) or set(saved) != {"held", "active", "applied"} or \
+                any(not isinstance(i, int) or not 0 <= i < len(params) for i in saved["held"]) or \
+                any(not isinstance(i, int) or not 0 <= i < len(self._book.known_groups) for i in saved["applied"]):
+            raise ValueError("state_dict['mergopt'] was not saved under DeepSpeed ZeRO with these param groups: "
+                             "its state cannot be mapped onto DeepSpeed's partitions")
+
     def _finish_deepspeed_load(self, mergopt_state: dict, params: list) -> None:
         """After the state of DeepSpeed's partitions ``params`` (in the saved order) was loaded:
-        take the noise state and which partitions held the perturbation when saved. Nothing is
-        written: DeepSpeed loads the saved partitions after this call."""
+        take the noise state, which partitions held the perturbation when saved and the options
+        that wrote it. Nothing is written: DeepSpeed loads the saved partitions after this call
+        (``_after_deepspeed_load``)."""
         book = self._book
-        saved = mergopt_state.get("deepspeed")
-        if saved is None:
-            raise ValueError("state_dict was not saved under DeepSpeed ZeRO: its state cannot be mapped onto "
-                             "DeepSpeed's partitions")
+        saved = mergopt_state["deepspeed"]
         book.known_groups = [(group, origin) for group, (_, origin) in zip(self.param_groups, book.known_groups)]
+        book.known_group_ids = [id(group) for group, _ in book.known_groups]
         self._load_mergopt_state(mergopt_state)
         book.held = {params[i]: True for i in saved["held"]}
         book.active = bool(saved["active"]) or bool(book.held)
-        book.applied = {index: noise_options(group) for index, group, _ in self._groups()
-                        if noise_options(group) is not None}
+        book.applied = dict(saved["applied"])
         book.stepped, book.pending = set(), {}
         book.clean_after_load = book.active and not book.held
+        book.state_loaded = True
         book.clear_caches()
         self._record_writes()
+
+    @torch.no_grad()
+    def _after_deepspeed_load(self) -> None:
+        """DeepSpeed has rewritten the partitions from a checkpoint. With this optimizer's state
+        (``_finish_deepspeed_load``) the held partitions are known; without it (a load of the
+        weights only) they all hold theta. The others get the current perturbation, and the
+        partitions are written into the module (collective: every rank loads)."""
+        book = self._book
+        if not book.state_loaded:
+            book.held = {}
+        book.state_loaded = book.clean_after_load = False
+        if book.active:
+            self._write_pass(apply_offset=0)
+        self._record_writes()
+        self._publish()
 
     def _check_loadable_groups(self, saved_groups: list) -> None:
         """Raise ``ValueError``, before anything changes, unless ``saved_groups`` match this

@@ -223,6 +223,7 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         perturbed, saved_state = self._split_exact_entries(state_dict["state"], list(zip(saved_ids, params)))
         new_state = {p: _fp32_state(saved_state.get(saved_id, {}), p) for saved_id, p in zip(saved_ids, params)}
+        self._check_deepspeed_state(mergopt_state, params)
         deepspeed = self._book.deepspeed is not None
         if not deepspeed:
             self.remove_perturbation()

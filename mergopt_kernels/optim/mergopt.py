@@ -145,6 +145,7 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
         pairs = list(zip(saved_ids, params))
         masters, base_state = _split_masters(state_dict["state"], pairs)
         perturbed, base_state = self._split_exact_entries(base_state, pairs, "mergopt_perturbed")
+        self._check_deepspeed_state(mergopt_state, params)
         deepspeed = self._book.deepspeed is not None
         if deepspeed:  # DeepSpeed put the partitions it saves into param_groups, not into base's
             self.base.param_groups = self.param_groups
