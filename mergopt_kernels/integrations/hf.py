@@ -18,6 +18,36 @@ callback makes everything the Trainer reads or writes between steps see the clea
 theta: checkpoints (``model.safetensors``), evaluation during training, the best-model reload
 and the model left after ``train()``; and it makes ``resume_from_checkpoint`` continue the
 uninterrupted run (same noise from the next step on, weights equal up to fp rounding).
+
+With DeepSpeed ZeRO (``TrainingArguments(deepspeed=config)``, stages 1, 2 and 3, fp32 or
+bf16), the Trainer discards ``optimizers=(opt, sched)`` and builds the optimizer itself (the
+callback raises if it is not a MergOPT optimizer): let it build ours from
+``optimizer_cls_and_kwargs``, and give the DeepSpeed config no ``"optimizer"`` section (with one,
+DeepSpeed builds its own)::
+
+    config = {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
+              "zero_allow_untested_optimizer": True,        # required for a client optimizer
+              "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+              "gradient_clipping": "auto", "bf16": {"enabled": "auto"}}   # "auto": from args
+    args = TrainingArguments(..., deepspeed=config, weight_decay=1e-3, max_grad_norm=1.0,
+                             lr_scheduler_type="linear", warmup_steps=10)
+    trainer = Trainer(model=model, args=args, train_dataset=ds,
+                      optimizer_cls_and_kwargs=(FusedMergOptAdamW, {"lr": 2e-5, "seed": 0}),
+                      callbacks=[MergOptCallback()])
+
+The Trainer makes the param groups: ``weight_decay`` from the TrainingArguments for the
+weights, 0 for biases and norms (a ``weight_decay`` in the kwargs is overridden; every group
+gets the kwargs' noise options); the learning rate is the kwargs' ``lr``, scheduled by the
+TrainingArguments' scheduler; DeepSpeed clips at ``gradient_clipping`` (``max_grad_norm``). The
+callback finds the optimizer inside DeepSpeed's ZeRO optimizer; its calls are then collective,
+made by every rank at the same points. ``stage3_gather_16bit_weights_on_model_save`` gives
+ZeRO-3 checkpoints a ``model.safetensors`` (without it the Trainer writes DeepSpeed's shards
+only). Make the model before the TrainingArguments: ``from_pretrained``/``from_config`` after
+TrainingArguments with a ZeRO-3 config build it under ``deepspeed.zero.Init``, whose
+partitioned parameters the optimizer refuses (ZeRO-3 partitions the model when training
+starts). On machines without GPUs run DeepSpeed with ``DS_ACCELERATOR=cpu`` and
+``TrainingArguments(use_cpu=True, deepspeed=...)``: without ``use_cpu`` Accelerate finds no
+device to take its backend from, and every rank runs as a world of its own.
 """
 
 from __future__ import annotations
@@ -35,15 +65,44 @@ import torch
 from ..optim._perturbation import PerturbationMixin
 
 
-def _find_mergopt(optimizer) -> Optional[PerturbationMixin]:
-    """The MergOPT optimizer inside ``optimizer`` (Accelerate wraps it in ``.optimizer``)."""
-    seen = set()
+def _chain(optimizer) -> list:
+    """``optimizer`` and the optimizers it wraps, outermost first: Accelerate's wrapper, then
+    (under DeepSpeed) DeepSpeed's ZeRO optimizer, then the client optimizer, each the
+    ``.optimizer`` of the one before."""
+    chain, seen = [], set()
     while optimizer is not None and id(optimizer) not in seen:
-        if isinstance(optimizer, PerturbationMixin):
-            return optimizer
+        chain.append(optimizer)
         seen.add(id(optimizer))
         optimizer = getattr(optimizer, "optimizer", None)
-    return None
+    return chain
+
+
+def _find_mergopt(optimizer) -> Optional[PerturbationMixin]:
+    """The MergOPT optimizer inside ``optimizer`` (Accelerate wraps it in ``.optimizer``, and
+    under DeepSpeed Accelerate's wrapper holds DeepSpeed's ZeRO optimizer, which holds it)."""
+    return next((o for o in _chain(optimizer) if isinstance(o, PerturbationMixin)), None)
+
+
+def _uses_deepspeed(args, optimizer) -> bool:
+    """Whether the Trainer trains with DeepSpeed: its optimizer is wrapped by DeepSpeed (or by
+    Accelerate's DeepSpeed wrapper), or TrainingArguments carry a DeepSpeed config."""
+    for o in _chain(optimizer):
+        kind = type(o)
+        if kind.__module__.startswith("deepspeed.") or kind.__name__ == "DeepSpeedOptimizerWrapper":
+            return True
+    return bool(getattr(args, "deepspeed", None))
+
+
+def _describe(optimizer) -> str:
+    return " -> ".join(type(o).__name__ for o in _chain(optimizer)) or "None"
+
+
+DEEPSPEED_ROUTE = (
+    "with TrainingArguments(deepspeed=...), the Trainer discards Trainer(optimizers=(opt, scheduler)) and builds "
+    "its optimizer itself (DeepSpeed's, from the config's \"optimizer\" section if it has one, else from "
+    "TrainingArguments.optim). Let it build a MergOPT optimizer: "
+    "Trainer(optimizer_cls_and_kwargs=(FusedMergOptAdamW, {\"lr\": ..., \"seed\": ...}), "
+    "callbacks=[MergOptCallback()]), and leave the \"optimizer\" section out of the DeepSpeed config")
 
 
 class MergOptCallback(TrainerCallback):
@@ -61,13 +120,22 @@ class MergOptCallback(TrainerCallback):
       the end of an epoch and of training: remove it, so checkpoints, evaluation metrics and
       the final model are those of theta.
 
+    Under DeepSpeed the Trainer's optimizer is Accelerate's wrapper around DeepSpeed's ZeRO
+    optimizer around ours (built from ``Trainer(optimizer_cls_and_kwargs=...)``, see the
+    module's docstring); the callback finds it there, and its calls copy the partitions into
+    the model (collective calls, made on every rank).
+
     Args:
         optimizer: the ``FusedMergOptAdamW``/``MergOpt`` to manage; by default the Trainer's
-            optimizer (also found inside Accelerate's wrapper).
+            optimizer (also found inside Accelerate's and DeepSpeed's wrappers).
 
     Raises:
         TypeError: ``optimizer`` (or the Trainer's optimizer when training begins) is not a
-            MergOPT optimizer.
+            MergOPT optimizer; or, when training begins, the Trainer's optimizer is not the
+            ``optimizer`` given, under DeepSpeed or when it holds another MergOPT optimizer.
+            Under DeepSpeed (``TrainingArguments(deepspeed=...)``), which replaces
+            ``Trainer(optimizers=(opt, scheduler))`` by an optimizer of its own, the message
+            names ``optimizer_cls_and_kwargs``, the route that works.
     """
 
     def __init__(self, optimizer: Optional[torch.optim.Optimizer] = None):
@@ -75,14 +143,32 @@ class MergOptCallback(TrainerCallback):
             raise TypeError(f"optimizer must be a FusedMergOptAdamW or MergOpt, got {type(optimizer).__name__}")
         self._optimizer = _find_mergopt(optimizer) if optimizer is not None else None
 
-    def _mergopt(self, kwargs: dict, required: bool = False) -> Optional[PerturbationMixin]:
+    def _mergopt(self, kwargs: dict, required: bool = False, args=None) -> Optional[PerturbationMixin]:
+        """The optimizer to manage. ``required``: raise unless it is the one the Trainer trains
+        with (``args``: the TrainingArguments, to tell whether DeepSpeed is on)."""
+        trainer_optimizer = kwargs.get("optimizer")
+        found = _find_mergopt(trainer_optimizer)
+        if not required:
+            return self._optimizer if self._optimizer is not None else found
+        deepspeed = _uses_deepspeed(args, trainer_optimizer)
         if self._optimizer is not None:
-            return self._optimizer
-        found = _find_mergopt(kwargs.get("optimizer"))
-        if found is None and required:
+            # Given explicitly: it must be the one training, when the Trainer's optimizer is known
+            # to wrap another one (DeepSpeed's own optimizer, or another MergOPT optimizer).
+            if trainer_optimizer is None or found is self._optimizer or (found is None and not deepspeed):
+                return self._optimizer
+            raise TypeError(
+                f"MergOptCallback was given a {type(self._optimizer).__name__} that the Trainer does not train with: "
+                f"the Trainer's optimizer is {_describe(trainer_optimizer)}"
+                + (f"; {DEEPSPEED_ROUTE}" if deepspeed else ""))
+        if found is None:
+            if deepspeed:
+                raise TypeError(f"MergOptCallback: the Trainer trains with DeepSpeed and its optimizer is "
+                                f"{_describe(trainer_optimizer)}, not a FusedMergOptAdamW or MergOpt: "
+                                f"{DEEPSPEED_ROUTE}")
             raise TypeError("MergOptCallback needs the Trainer's optimizer to be a FusedMergOptAdamW or "
-                            f"MergOpt (Trainer(optimizers=(opt, scheduler))), got "
-                            f"{type(kwargs.get('optimizer')).__name__}")
+                            f"MergOpt (Trainer(optimizers=(opt, scheduler)), or with DeepSpeed "
+                            f"Trainer(optimizer_cls_and_kwargs=(FusedMergOptAdamW, {{...}}))), got "
+                            f"{_describe(trainer_optimizer)}")
         return found
 
     def _remove(self, kwargs: dict) -> None:
@@ -90,17 +176,14 @@ class MergOptCallback(TrainerCallback):
         if opt is not None:
             opt.remove_perturbation()
 
-    def _apply(self, kwargs: dict) -> None:
-        self._mergopt(kwargs, required=True).apply_perturbation()
-
     def on_init_end(self, args, state, control, **kwargs):
         self._remove(kwargs)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._mergopt(kwargs, required=True).remove_perturbation()
+        self._mergopt(kwargs, required=True, args=args).remove_perturbation()
 
     def on_step_begin(self, args, state, control, **kwargs):
-        self._apply(kwargs)
+        self._mergopt(kwargs, required=True, args=args).apply_perturbation()
 
     def on_step_end(self, args, state, control, **kwargs):
         if control.should_save or control.should_evaluate or control.should_training_stop:
