@@ -122,8 +122,8 @@ def train(engine, case: dict, steps) -> list:
     return losses
 
 
-def model_and_optimizer(case: dict):
-    model = make_model(case["dtype"])
+def model_and_optimizer(case: dict, model=None):
+    model = make_model(case["dtype"]) if model is None else model
     opt = make_optimizer(model, case["optimizer"], empty_group=case.get("empty_group", False))
     if case.get("load_before"):
         torch.manual_seed(1)
@@ -134,9 +134,19 @@ def model_and_optimizer(case: dict):
 
 
 def initialize(case: dict):
+    """The engine and the optimizer of ``case`` (``zero_init``: the model built under
+    deepspeed.zero.Init, partitioned from the start, with make_model's weights: zero.Init's own
+    bf16 initialisation draws other ones)."""
     import deepspeed
 
-    model, opt = model_and_optimizer(case)
+    model = None
+    if case.get("zero_init"):
+        weights = make_model(case["dtype"]).state_dict()
+        with deepspeed.zero.Init(config_dict_or_path=ds_config(case)):
+            model = make_model(case["dtype"])
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+            model.load_state_dict(weights)
+    model, opt = model_and_optimizer(case, model)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(case))
     return engine, opt
 

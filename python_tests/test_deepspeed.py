@@ -29,24 +29,27 @@ pytestmark = [pytest.mark.deepspeed,
 
 
 def _case(stage, dtype, optimizer="fused", sub_group_size=None, empty_group=False, load_before=False,
-          **zero_options):
+          zero_init=False, **zero_options):
     name = f"zero{stage}-{dtype}-{optimizer}" + (f"-subgroup{sub_group_size}" if sub_group_size else "")
-    name += "".join(f"-{key}" for key, on in (("empty_group", empty_group), ("load_before", load_before)) if on)
-    name += "".join(f"-{key}" for key in zero_options)
+    flags = (("empty_group", empty_group), ("load_before", load_before), ("zero_init", zero_init))
+    name += "".join(f"-{key}" for key, on in flags if on) + "".join(f"-{key}" for key in zero_options)
     return dict(name=name, stage=stage, dtype=dtype, optimizer=optimizer, sub_group_size=sub_group_size,
-                empty_group=empty_group, load_before=load_before, zero_options=zero_options)
+                empty_group=empty_group, load_before=load_before, zero_init=zero_init, zero_options=zero_options)
 
 
 # Stage 3 with sub_group_size=64 cuts this rank's 337 noisy elements into 3 sub-groups (plus one
 # for the biases): DeepSpeed calls step() 4 times per engine step. Stages 1 and 2 lay the
 # parameters out in another order with round_robin_gradients, with gaps with parameter_alignment.
 # DeepSpeed's engine drops empty param groups at every stage (stage 0 leaves the optimizer
-# alone otherwise); weights loaded into the model before deepspeed.initialize are clean theta.
+# alone otherwise); weights loaded into the model before deepspeed.initialize are clean theta;
+# a model built under deepspeed.zero.Init is partitioned before the optimizer is built.
 CASES = [_case(1, "fp32"), _case(2, "fp32"), _case(3, "fp32"), _case(3, "fp32", sub_group_size=64),
          _case(2, "fp32", round_robin_gradients=True, parameter_alignment=True),
          _case(1, "bf16"), _case(2, "bf16"), _case(3, "bf16", sub_group_size=64),
          _case(2, "fp32", "mergopt", empty_group=True), _case(3, "fp32", "mergopt", sub_group_size=64),
-         _case(0, "fp32", empty_group=True), _case(2, "bf16", load_before=True), _case(3, "fp32", load_before=True)]
+         _case(0, "fp32", empty_group=True), _case(2, "bf16", load_before=True), _case(3, "fp32", load_before=True),
+         _case(3, "fp32", zero_init=True), _case(3, "bf16", sub_group_size=64, zero_init=True),
+         _case(3, "fp32", "mergopt", zero_init=True)]
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +120,6 @@ UNSUPPORTED = [
     ({"bf16": {"enabled": True}}, "bf16 without ZeRO (zero_optimization.stage 0)"),
     ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}, "zero_force_ds_cpu_optimizer": False},
      "offload_optimizer"),
-    ({"zero_optimization": {"stage": 3}, "zero_init": True}, "deepspeed.zero.Init"),
 ]
 
 

@@ -42,10 +42,9 @@ TrainingArguments' scheduler; DeepSpeed clips at ``gradient_clipping`` (``max_gr
 callback finds the optimizer inside DeepSpeed's ZeRO optimizer; its calls are then collective,
 made by every rank at the same points. ``stage3_gather_16bit_weights_on_model_save`` gives
 ZeRO-3 checkpoints a ``model.safetensors`` (without it the Trainer writes DeepSpeed's shards
-only). Make the model before the TrainingArguments: ``from_pretrained``/``from_config`` after
-TrainingArguments with a ZeRO-3 config build it under ``deepspeed.zero.Init``, whose
-partitioned parameters the optimizer refuses (ZeRO-3 partitions the model when training
-starts). On machines without GPUs run DeepSpeed with ``DS_ACCELERATOR=cpu`` and
+only). ``from_pretrained``/``from_config`` after TrainingArguments with a ZeRO-3 config build
+the model under ``deepspeed.zero.Init``, partitioned from the start: the optimizer perturbs
+each rank's slices. On machines without GPUs run DeepSpeed with ``DS_ACCELERATOR=cpu`` and
 ``TrainingArguments(use_cpu=True, deepspeed=...)``: without ``use_cpu`` Accelerate finds no
 device to take its backend from, and every rank runs as a world of its own.
 """

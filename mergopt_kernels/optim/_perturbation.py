@@ -102,10 +102,33 @@ def noise_options(group: dict) -> Optional[dict]:
     return options
 
 
+def zero3_slice(p: torch.Tensor) -> Optional[tuple[torch.Tensor, int]]:
+    """For a parameter partitioned by DeepSpeed ZeRO-3 (``deepspeed.zero.Init`` or
+    ``deepspeed.initialize``), (this rank's slice of it, without the padding, as a 1-D alias;
+    the index of its first element in the whole parameter), else None. A parameter of ``n``
+    elements is cut in slices of ``ceil(n / world)``, rank ``r``'s starting at ``r`` times that."""
+    if not hasattr(p, "ds_tensor") or p.numel() == getattr(p, "ds_numel", 0):
+        return None
+    import torch.distributed as dist
+
+    size = int(p.ds_tensor.ds_numel)
+    start = size * dist.get_rank(group=p.ds_process_group)
+    length = max(0, min(size, int(p.ds_numel) - start))
+    return p.ds_tensor.view(-1).narrow(0, 0, length), start
+
+
+def is_sharded(p: torch.Tensor) -> bool:
+    """Whether ``p`` holds only part of its elements here (FSDP2's DTensor, ZeRO-3)."""
+    return (_DTensor is not None and isinstance(p, _DTensor)) or zero3_slice(p) is not None
+
+
 def local_tensor(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The local shard of a DTensor (an alias: writing it writes the parameter), else ``t``."""
+    """The local shard of a DTensor or this rank's slice of a ZeRO-3 parameter (aliases:
+    writing them writes the parameter), else ``t``."""
     if t is not None and _DTensor is not None and isinstance(t, _DTensor):
         return t.to_local()
+    if t is not None and (piece := zero3_slice(t)) is not None:
+        return piece[0]
     return t
 
 
@@ -129,6 +152,8 @@ def index_base(p: torch.Tensor) -> int:
     0 for ordinary tensors; for a DTensor sharded on dim 0 (FSDP2), its row offset times the
     row size, so every element draws the noise it would draw in an unsharded run.
     """
+    if (piece := zero3_slice(p)) is not None:
+        return piece[1]
     if _DTensor is None or not isinstance(p, _DTensor) or p.dim() == 0:
         return 0
     # Public in effect (FSDP2 and DCP use it); present in torch 2.11 to 2.13.
@@ -164,10 +189,6 @@ def check_params(params: list, seen: set) -> None:
             raise TypeError("params: complex parameters are not supported")
         if p.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"params: dtype {p.dtype} is not supported (float32, bfloat16, float16)")
-        if hasattr(p, "ds_numel") and p.numel() != p.ds_numel:
-            raise ValueError("params: parameters partitioned by deepspeed.zero.Init are not supported; build the "
-                             "model outside zero.Init (ZeRO-3 partitions it in deepspeed.initialize), then the "
-                             "optimizer, then the engine")
         if not p.is_contiguous() or not local_tensor(p).is_contiguous():
             raise ValueError(f"params: parameters must be contiguous, got strides {p.stride()}")
         _check_placements(p)
@@ -582,9 +603,10 @@ class PerturbationMixin:
             adam = dict(exp_avgs=placeholders, exp_avg_sqs=placeholders, max_exp_avg_sqs=[],
                         steps=placeholders, lr=0.0, beta1=0.0, beta2=0.0, eps=0.0,
                         weight_decay=0.0, amsgrad=False, maximize=False)
-        if _DTensor is not None and any(isinstance(p, _DTensor) for p in params):
-            # Sharded parameters (FSDP2): update the local shards, each element with the noise
-            # of its index in the whole parameter; ranks holding no rows skip the parameter.
+        if any(is_sharded(p) for p in params):
+            # Sharded parameters (FSDP2, ZeRO-3 before DeepSpeed takes the optimizer): update
+            # the local shards, each element with the noise of its index in the whole
+            # parameter; ranks holding none of its elements skip the parameter.
             index_bases = [self._index_base(p) for p in params]
             keep = [i for i, p in enumerate(params) if local_tensor(p).numel() > 0]
             if not keep:
@@ -692,9 +714,11 @@ class PerturbationMixin:
                 held = [s for s in layout.segments[partition] if s.param in was_held and old_masters[s.param] is None]
                 for segment in layout.segments[partition]:
                     master = old_masters[segment.param]
-                    if master is not None:
+                    if master is not None:  # a whole parameter's, or (zero.Init) this rank's slice's
+                        whole = master.numel() == getattr(segment.param, "ds_numel", master.numel())
+                        start = segment.start - (0 if whole else index_base(segment.param))
                         view = partition.view(-1).narrow(0, segment.offset, segment.length)
-                        view.copy_(local_tensor(master).reshape(-1).narrow(0, segment.start, segment.length))
+                        view.copy_(local_tensor(master).reshape(-1).narrow(0, start, segment.length))
                 exact = not any(s.param in cast for s in held)
                 if noise is not None and book.active and exact and len(held) == len(layout.segments[partition]):
                     book.held[partition] = True
@@ -778,7 +802,9 @@ class PerturbationMixin:
     def _init_masters(self, params: list) -> None:
         for p in params:
             if needs_master(p) and "master" not in self._master_holder(p):
-                self._master_holder(p)["master"] = p.detach().float()
+                # a ZeRO-3 parameter's master covers this rank's slice only
+                source = local_tensor(p) if zero3_slice(p) is not None else p
+                self._master_holder(p)["master"] = source.detach().float()
 
     def _make_state(self, params: list) -> None:
         """Give ``params`` their state (``_init_state``) and note the layout it was made for."""

@@ -115,11 +115,12 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
             state = self.state[p]
             if "step" in state:
                 continue
+            like = pt.local_tensor(p) if pt.zero3_slice(p) is not None else p  # ZeRO-3: this rank's slice
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(like, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(like, dtype=torch.float32)
             if p in amsgrad_params:
-                state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                state["max_exp_avg_sq"] = torch.zeros_like(like, dtype=torch.float32)
         self._init_masters(params)
 
     @torch.no_grad()
