@@ -119,23 +119,29 @@ class Stage12Layout(ZeroLayout):
         self.owner.update_lp_params()
 
 
+def zero3_range(param: torch.Tensor) -> tuple[int, int, int]:
+    """This rank's slice of a ZeRO-3 parameter: (its size in ``ds_tensor``, padding included;
+    the index of its first element in the whole parameter; how many elements of the parameter
+    it holds). A parameter of ``n`` elements is cut in slices of ``ceil(n / world)`` elements
+    (the last one padded); rank ``r``'s starts at ``r * ceil(n / world)``."""
+    import torch.distributed as dist
+
+    size = int(param.ds_tensor.ds_numel)
+    start = size * dist.get_rank(group=param.ds_process_group)
+    return size, start, max(0, min(size, int(param.ds_numel) - start))
+
+
 class Stage3Layout(ZeroLayout):
     """``DeepSpeedZeroOptimizer_Stage3``: one partition per sub-group, the concatenation of the
-    rank's slice (``ds_tensor``) of each parameter of the sub-group. A parameter of ``n``
-    elements is cut in slices of ``ceil(n / world)`` elements (the last one padded); the rank's
-    slice starts at ``rank * ceil(n / world)``."""
+    rank's slice (``ds_tensor``, see ``zero3_range``) of each parameter of the sub-group."""
 
     def __init__(self, owner):
-        import torch.distributed as dist
-
         partitions, segments, members = [], {}, {}
         for sub_group, params in enumerate(_attribute(owner, "fp16_groups")):
             partition = _attribute(owner, "fp32_partitioned_groups_flat")[sub_group]
             pieces, offset = [], 0
             for param in params:
-                slice_size = int(param.ds_tensor.ds_numel)
-                start = slice_size * dist.get_rank(group=param.ds_process_group)
-                length = min(slice_size, int(param.ds_numel) - start)
+                slice_size, start, length = zero3_range(param)
                 if length > 0:
                     pieces.append(Segment(param, start, offset, length))
                 offset += slice_size
@@ -189,30 +195,28 @@ def layout_of(owner) -> ZeroLayout:
     """The layout of ``owner``'s partitions; ``ValueError`` naming the configuration when it is
     one this optimizer does not support."""
     name = type(owner).__name__
-    if name in ZERO_OPTIMIZERS and getattr(owner, "dtype", None) == torch.float16:
-        raise ValueError(f"DeepSpeed fp16 (loss scaling) is not supported with FusedMergOptAdamW/MergOpt "
-                         f"(supported: {SUPPORTED})")
-    if name in ZERO_OPTIMIZERS and getattr(owner, "zenflow", False):
-        raise ValueError(f"DeepSpeed zero_optimization.zenflow is not supported (supported: {SUPPORTED})")
-    if name in ZERO_OPTIMIZERS and getattr(owner, "elastic_checkpoint", False):
-        raise ValueError("DeepSpeed zero_optimization.elastic_checkpoint is not supported: its checkpoints keep "
-                         f"the optimizer state without this optimizer's noise state (supported: {SUPPORTED})")
-    if name == "DeepSpeedZeroOptimizer":
-        if getattr(owner, "cpu_offload", False):
-            raise ValueError("DeepSpeed zero_optimization.offload_optimizer is not supported with "
-                             f"FusedMergOptAdamW/MergOpt (supported: {SUPPORTED})")
-        if getattr(owner, "has_moe_layers", False):
-            raise ValueError(f"DeepSpeed ZeRO with MoE layers is not supported (supported: {SUPPORTED})")
-        layout = Stage12Layout(owner)
-    elif name == "DeepSpeedZeroOptimizer_Stage3":
-        for flag, setting in (("offload_optimizer", "offload_optimizer"), ("offload_param", "offload_param"),
-                              ("swap_optimizer", "offload_optimizer.device=nvme")):
+    if name in ZERO_OPTIMIZERS:
+        if getattr(owner, "dtype", None) == torch.float16:
+            raise ValueError(f"DeepSpeed fp16 (loss scaling) is not supported with FusedMergOptAdamW/MergOpt "
+                             f"(supported: {SUPPORTED})")
+        # (attribute of the ZeRO optimizer, the setting that turns it on): each one refused
+        for flag, setting in (("zenflow", "zero_optimization.zenflow"),
+                              ("elastic_checkpoint", "zero_optimization.elastic_checkpoint (its checkpoints drop "
+                                                     "this optimizer's noise state)"),
+                              ("cpu_offload", "zero_optimization.offload_optimizer"),
+                              ("offload_optimizer", "zero_optimization.offload_optimizer"),
+                              ("offload_param", "zero_optimization.offload_param"),
+                              ("swap_optimizer", "zero_optimization.offload_optimizer.device=nvme"),
+                              ("has_moe_layers", "MoE layers")):
             if getattr(owner, flag, False):
-                raise ValueError(f"DeepSpeed zero_optimization.{setting} is not supported with "
-                                 f"FusedMergOptAdamW/MergOpt (supported: {SUPPORTED})")
+                raise ValueError(f"DeepSpeed {setting} is not supported with FusedMergOptAdamW/MergOpt "
+                                 f"(supported: {SUPPORTED})")
         if getattr(owner, "zero_hpz_partition_size", 1) > 1:
             raise ValueError("DeepSpeed zero_optimization.zero_hpz_partition_size > 1 (ZeRO++) is not supported "
                              f"(supported: {SUPPORTED})")
+    if name == "DeepSpeedZeroOptimizer":
+        layout = Stage12Layout(owner)
+    elif name == "DeepSpeedZeroOptimizer_Stage3":
         layout = Stage3Layout(owner)
     elif name in MIXED_PRECISION_WRAPPERS:
         setting = ("bf16 at zero_optimization.stage 1 with data_types.grad_accum_dtype fp32" if name == "BF16_Optimizer"

@@ -104,16 +104,11 @@ def noise_options(group: dict) -> Optional[dict]:
 
 def zero3_slice(p: torch.Tensor) -> Optional[tuple[torch.Tensor, int]]:
     """For a parameter partitioned by DeepSpeed ZeRO-3 (``deepspeed.zero.Init`` or
-    ``deepspeed.initialize``), (this rank's slice of it, without the padding, as a 1-D alias;
-    the index of its first element in the whole parameter), else None. A parameter of ``n``
-    elements is cut in slices of ``ceil(n / world)``, rank ``r``'s starting at ``r`` times that."""
+    ``deepspeed.initialize``) and not gathered now, (this rank's slice of it without the
+    padding, as a 1-D alias; the index of its first element in the whole parameter), else None."""
     if not hasattr(p, "ds_tensor") or p.numel() == getattr(p, "ds_numel", 0):
         return None
-    import torch.distributed as dist
-
-    size = int(p.ds_tensor.ds_numel)
-    start = size * dist.get_rank(group=p.ds_process_group)
-    length = max(0, min(size, int(p.ds_numel) - start))
+    _, start, length = _deepspeed.zero3_range(p)
     return p.ds_tensor.view(-1).narrow(0, 0, length), start
 
 
