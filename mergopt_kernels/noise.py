@@ -139,6 +139,19 @@ def step_scale(seed: int, step: int, alphas, k_max: int) -> float:
     return float(product - 1.0)
 
 
+# The largest |z - loc| / scale any word can give: the 24-bit uniform grid stops 2**-24 from 0 and 1.
+LAPLACE_MAX_DEVIATION = 24 * math.log(2.0)                # -log(2**-24)
+GAUSSIAN_MAX_DEVIATION = math.sqrt(2 * 24 * math.log(2.0))  # sqrt(-2 log(2**-24))
+
+
+def max_abs_perturbation(scale: float, loc: float, alphas, k_max: int, distribution: str) -> float:
+    """An upper bound (a little above, for fp32 rounding) of ``|s_t z|`` over every step and
+    element for these noise options: ``max|s| * (|loc| + scale * max deviation)``."""
+    deviation = LAPLACE_MAX_DEVIATION if distribution == "laplace" else GAUSSIAN_MAX_DEVIATION
+    largest_s = max(abs(k_max * max(alphas) - 1.0), abs(min(alphas) - 1.0))
+    return largest_s * (abs(loc) + scale * deviation) * (1.0 + 2.0**-20)
+
+
 def seed_as_int64(seed: int) -> int:
     """The int64 whose two's-complement bits are the 64-bit ``seed``: how kernels take it."""
     seed &= (1 << 64) - 1

@@ -79,6 +79,23 @@ def test_plain_loop_and_resume(tmp_path, monkeypatch):
         assert torch.equal(p, q)  # the saving run re-perturbed the same clean weights
 
 
+def test_switch_from_adamw(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ns = stand_ins(4)
+    adamw = torch.optim.AdamW(ns["model"].parameters(), lr=3e-3, weight_decay=0.05)
+    for x, y in ns["loader"]:
+        torch.nn.functional.mse_loss(ns["model"](x), y).backward()
+        adamw.step()
+        adamw.zero_grad()
+    torch.save(adamw.state_dict(), "adamw-checkpoint.pt")
+    run("switch", ns)
+    opt = ns["opt"]
+    assert opt.seed == 0 and opt.param_groups[0]["lr"] == 3e-3 and opt.param_groups[0]["weight_decay"] == 0.05
+    for p in ns["model"].parameters():
+        assert opt.state[p]["step"].item() == 4
+        assert torch.equal(opt.state[p]["exp_avg_sq"], adamw.state[p]["exp_avg_sq"])
+
+
 def test_amp():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ns = stand_ins(4, device)

@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import numpy
 import torch
 
-from .. import noise, ops
+from .. import noise, ops, validation
 from . import _deepspeed
 
 try:
@@ -34,42 +34,16 @@ except ImportError:  # pragma: no cover - torch built without distributed
 # FusedStepArgs' noise fields with the noise off (nothing is drawn).
 NOISE_OFF = dict(noise_scale=0.0, noise_loc=0.0, alphas=(1.0,), k_max=1, distribution="laplace")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-MASK64 = (1 << 64) - 1
 
 
-def _finite_number(name: str, value, minimum: Optional[float] = None, read_tensor: bool = True) -> None:
-    """Check a number option: a real number (Python or numpy) or a 1-element float tensor.
-    With ``read_tensor=False`` a tensor's value is not read (no host sync at step time)."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or not value.is_floating_point():
-            raise TypeError(f"{name} must be a float or a 1-element float tensor, got shape {tuple(value.shape)}")
-        if not read_tensor:
-            return
-        value = float(value.detach().cpu())
-    if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+def check_noise_options(group: dict, params: Optional[list] = None) -> None:
+    """Validate and normalise a param group's noise options in place (alphas become a tuple).
 
-
-def check_flag(group: dict, name: str, allow_none: bool = False) -> None:
-    """Check that ``group[name]`` is bool-like (a bool, numpy bool, or the integer 0 or 1, as
-    torch's optimizers accept; None too with ``allow_none``) and store it as a bool."""
-    value = group[name]
-    if value is None and allow_none:
-        return
-    if not isinstance(value, (bool, numpy.bool_)) and not (isinstance(value, numbers.Integral) and value in (0, 1)):
-        raise TypeError(f"{name} must be a bool{' or None' if allow_none else ''}, got {value!r}")
-    if type(value) is not bool:  # no write when already a bool: compiled steps stay one graph
-        group[name] = bool(value)
-
-
-def check_noise_options(group: dict) -> None:
-    """Validate and normalise a param group's noise options in place (alphas become a tuple)."""
-    _finite_number("noise_scale", group["noise_scale"], 0.0, read_tensor=False)
-    _finite_number("noise_loc", group["noise_loc"], read_tensor=False)
+    With ``params`` (the group's tensors, default ``group["params"]`` when present), also check
+    that the largest perturbation the options can write, ``max|s| * max|z|``, is finite in
+    fp32 and in every parameter's dtype, so no perturbation can overflow a parameter."""
+    validation.finite_number("noise_scale", group["noise_scale"], 0.0, read_tensor=False)
+    validation.finite_number("noise_loc", group["noise_loc"], read_tensor=False)
     for name in ("noise_scale", "noise_loc"):
         if isinstance(group[name], torch.Tensor):
             raise TypeError(f"{name} must be a number (it selects the kernel's code path), not a tensor")
@@ -88,6 +62,23 @@ def check_noise_options(group: dict) -> None:
         group["k_max"] = int(k_max)
     if group["distribution"] not in noise.DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {noise.DISTRIBUTIONS}, got {group['distribution']!r}")
+    params = group.get("params", ()) if params is None else params
+    _check_noise_fits(group, {p.dtype for p in params} | {torch.float32})
+
+
+def _check_noise_fits(group: dict, dtypes: set) -> None:
+    """Raise ``ValueError`` naming ``noise_scale`` when a perturbation of the group's options
+    can exceed the largest finite value of one of ``dtypes``."""
+    scale = float(group["noise_scale"])
+    if scale == 0.0:
+        return
+    largest = noise.max_abs_perturbation(scale, float(group["noise_loc"]), group["alphas"], group["k_max"],
+                                         group["distribution"])
+    for dtype in sorted(dtypes, key=lambda d: torch.finfo(d).max):
+        if not largest < torch.finfo(dtype).max:
+            raise ValueError(f"noise_scale: {scale} (noise_loc {group['noise_loc']}, k_max {group['k_max']}, "
+                             f"max alpha {max(group['alphas'])}) gives perturbations up to {largest:.3g}, which "
+                             f"{dtype} cannot represent (largest finite value {torch.finfo(dtype).max:.3g})")
 
 
 NOISE_OPTIONS = ("noise_scale", "noise_loc", "alphas", "k_max", "distribution")
@@ -110,6 +101,11 @@ def zero3_slice(p: torch.Tensor) -> Optional[tuple[torch.Tensor, int]]:
         return None
     _, start, length = _deepspeed.zero3_range(p)
     return p.ds_tensor.view(-1).narrow(0, 0, length), start
+
+
+def state_shape(p: torch.Tensor) -> torch.Size:
+    """The shape of ``p``'s per-element optimizer state: ``p``'s, or its ZeRO-3 slice's."""
+    return local_tensor(p).shape if zero3_slice(p) is not None else p.shape
 
 
 def is_sharded(p: torch.Tensor) -> bool:
@@ -178,6 +174,10 @@ def check_params(params: list, seen: set) -> None:
         if id(p) in seen:
             raise ValueError("params: a parameter is listed more than once")
         seen.add(id(p))
+        if p.is_meta:
+            raise ValueError("params: a parameter is on the meta device, which holds no values to perturb; "
+                             "materialise the model first (module.to_empty(device=...) and load its weights), "
+                             "then build the optimizer")
         if p.is_sparse:
             raise TypeError("params: sparse parameters are not supported")
         if p.is_complex():
@@ -192,11 +192,8 @@ def check_params(params: list, seen: set) -> None:
 def resolve_seed(seed: Optional[int]) -> int:
     """A 64-bit seed: the one given, or (``seed=None``) 8 bytes of ``os.urandom``, so that
     torch's and numpy's random streams are left untouched."""
-    if seed is None:
-        return int.from_bytes(os.urandom(8), "little")
-    if isinstance(seed, (bool, numpy.bool_)) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MASK64:
-        raise ValueError(f"seed must be None or an integer in [0, 2**64), got {seed!r}")
-    return int(seed)
+    seed = validation.check_seed("seed", seed, allow_none=True)
+    return int.from_bytes(os.urandom(8), "little") if seed is None else seed
 
 
 def agree_on_seed(seed: int, given: bool) -> int:
@@ -295,7 +292,33 @@ class PerturbationBook:
         self.pending: dict = {}
         self.clean_after_load = False
         self.cleaning = False  # inside clean_weights(), which perturbs again on exit
+        self.clean_blocks = 0  # how many clean_weights() blocks are open (step() refuses to run inside)
         self.noise_ids: dict = {}
+
+    def __getstate__(self) -> dict:
+        """What a copy (``copy.deepcopy``, pickle, ``torch.save``) keeps: everything but the
+        launch caches (they hold addresses) and the version counters (a copy's tensors have
+        their own); the parameters written from outside since the optimizer last wrote them
+        are kept by name, so the copy treats them as clean theta too."""
+        if self.deepspeed is not None:
+            raise TypeError("the optimizer cannot be copied under DeepSpeed ZeRO (its partitions belong to the "
+                            "engine): save it with engine.save_checkpoint()")
+        state = dict(self.__dict__)
+        state["written"] = None
+        state["written_since"] = [p for p, version in self.written.items() if version != version_of(p)] \
+            if self.versions_known else []
+        state["launch_caches"], state["param_ids"], state["index_bases"] = {}, ((), {}), {}
+        state["deepspeed_searched"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        written_since = set(state.pop("written_since"))
+        self.__dict__.update(state)
+        # The copy's parameters hold what the originals held: their current versions are the
+        # optimizer's writes, except for the parameters written from outside.
+        self.written = {p: version_of(p) for p in self.layout if p not in written_since}
+        self.known_ids = tuple(id(p) for _, params in self.known_groups for p in params)
+        self.known_group_ids = [id(group) for group, _ in self.known_groups]
 
     def noise_step(self, device: torch.device) -> torch.Tensor:
         """The int64 tensor [1] on ``device`` holding t (made from another device's on first use)."""
@@ -328,6 +351,26 @@ class PerturbationMixin:
     # Whether floating state follows a parameter's dtype when it is cast (torch's rule for a
     # base optimizer's state); FusedMergOptAdamW keeps its moments in fp32.
     _state_follows_dtype = False
+    # Whether the fused kernels read the gradients: dense, in their parameter's dtype. False
+    # where a base optimizer reads them (MergOpt), which makes its own rules (SGD takes sparse ones).
+    _kernels_read_grads = True
+
+    def __getstate__(self) -> dict:
+        """torch's ``Optimizer`` state plus the perturbation's book and what the subclass keeps
+        (its base optimizer, masters): a copy continues bit for bit like the original."""
+        state = super().__getstate__()
+        for name in self._copied_attributes:
+            if name in self.__dict__:
+                state[name] = self.__dict__[name]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "_seen_params" in self.__dict__:  # ids of the copy's parameters
+            self._seen_params = {id(p) for group in self.param_groups for p in group["params"]}
+
+    # The attributes beyond torch's (defaults, state, param_groups) that a copy carries.
+    _copied_attributes = ("_book", "_seen_params", "_masters", "base")
 
     @property
     def _started(self) -> bool:
@@ -430,6 +473,9 @@ class PerturbationMixin:
         """What every step does first: run the closure (at the perturbed weights), check every
         group's options (they may change between steps) and follow parameters written, moved
         or cast since the optimizer last wrote them. Raises before anything is written."""
+        if self._book.clean_blocks:
+            raise RuntimeError("step() inside opt.clean_weights(): the parameters hold clean theta there, so "
+                               "the gradient was not taken at the perturbed weights; step after the block ends")
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -444,7 +490,27 @@ class PerturbationMixin:
         for group in self.param_groups:
             self._check_group(group)
         self._follow_params()
+        self._check_grads()
         return loss
+
+    def _check_grads(self) -> None:
+        """Raise, before anything is written, on a gradient the step cannot take: of another
+        shape or device than its parameter and, where the fused kernels read the gradients,
+        sparse or of another dtype (torch's AdamW raises on these at its first tensor op)."""
+        for position, p in enumerate(self._all_params()):
+            grad = p.grad
+            if grad is None:
+                continue
+            if grad.is_sparse and self._kernels_read_grads:
+                raise TypeError(f"{type(self).__name__} does not support sparse gradients (parameter {position})")
+            if grad.shape != p.shape:
+                raise RuntimeError(f"params: parameter {position} has shape {tuple(p.shape)} but its grad has shape "
+                                   f"{tuple(grad.shape)}")
+            if grad.device != p.device:
+                raise RuntimeError(f"params: parameter {position} is on {p.device} but its grad is on {grad.device}")
+            if self._kernels_read_grads and grad.dtype != p.dtype:
+                raise RuntimeError(f"params: parameter {position} has dtype {p.dtype} but its grad has dtype "
+                                   f"{grad.dtype}; the fused step reads gradients in the parameter's dtype")
 
     @torch.no_grad()
     def _follow_params(self) -> None:
@@ -822,9 +888,11 @@ class PerturbationMixin:
         was_active = self._book.active
         self.remove_perturbation()
         self._book.cleaning = was_active
+        self._book.clean_blocks += 1
         try:
             yield self
         finally:
+            self._book.clean_blocks -= 1
             self._book.cleaning = False
             if was_active:
                 self.apply_perturbation()
@@ -910,24 +978,29 @@ class PerturbationMixin:
             state["mergopt"] = {**saved, "deepspeed": self._deepspeed_saved_state()}
         return state
 
-    @staticmethod
-    def _split_mergopt_state(state_dict: dict, owner: str) -> tuple[dict, dict]:
-        """(the noise state, ``state_dict`` without it); checked before anything is modified."""
-        if not isinstance(state_dict, dict) or "param_groups" not in state_dict:
-            raise ValueError("state_dict must be an optimizer state dict with 'param_groups'")
+    def _split_mergopt_state(self, state_dict: dict, owner: str) -> tuple[dict, dict]:
+        """(the noise state, ``state_dict`` without it); checked before anything is modified.
+
+        A state dict without any noise state (saved by the optimizer a run is switched from:
+        ``torch.optim.AdamW``, or a ``MergOpt``'s base) is migrated (``_migrated``)."""
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("param_groups"), list) or \
+                any(not isinstance(g, dict) for g in state_dict["param_groups"]):
+            raise ValueError("state_dict must be an optimizer state dict with a list of 'param_groups'")
         groups = state_dict["param_groups"]
         per_group = [(g.get("mergopt_seed"), g.get("mergopt_noise_step")) for g in groups]
         saved = state_dict.get("mergopt")
         if saved is None:
             found = {pair for pair in per_group if pair != (None, None)}
+            if not found:
+                return self._migrated(state_dict, owner)
             if len(found) != 1 or (None, None) in per_group:
-                raise ValueError(f"state_dict has no 'mergopt' entry (nor one seed and noise step in its "
-                                 f"param_groups): it was not saved by {owner}")
+                raise ValueError(f"state_dict has no 'mergopt' entry, and its param_groups do not all hold one "
+                                 f"seed and noise step: it was not saved whole by {owner}")
             seed, step = found.pop()
             saved = {"seed": seed, "noise_step": step}
         if not isinstance(saved, dict) or set(saved) - {"deepspeed"} != {"seed", "noise_step"}:
             raise ValueError("state_dict['mergopt'] must hold 'seed' and 'noise_step'")
-        resolve_seed(saved["seed"])
+        validation.check_seed("state_dict['mergopt']['seed']", saved["seed"])
         step = saved["noise_step"]
         if isinstance(step, torch.Tensor):
             step = step.item()
@@ -938,6 +1011,26 @@ class PerturbationMixin:
         rest["param_groups"] = [{k: v for k, v in g.items() if k not in ("mergopt_seed", "mergopt_noise_step")}
                                 for g in groups]
         return {"seed": saved["seed"], "noise_step": step, "deepspeed": saved.get("deepspeed")}, rest
+
+    def _migrated(self, state_dict: dict, owner: str) -> tuple[dict, dict]:
+        """Switching a running job to MergOPT: ``state_dict`` was saved by the optimizer the run
+        used so far (``_check_migration_source`` says which are taken). Its groups take this
+        optimizer's noise options; the seed and the noise step stay this optimizer's, so the
+        parameters hold the current step's perturbation once loaded. Refused under DeepSpeed."""
+        if self._book.deepspeed is not None:
+            raise ValueError(f"state_dict holds no MergOPT noise state: switching to {owner} from another "
+                             "optimizer's state is not supported under DeepSpeed ZeRO")
+        self._check_migration_source(state_dict)
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError("state_dict['param_groups'] does not match this optimizer's param groups "
+                             "(number of groups)")
+        migrated = [dict(saved, **{k: group[k] for k in NOISE_OPTIONS}) for saved, group in zip(groups, self.param_groups)]
+        noise_state = {"seed": self._book.seed, "noise_step": self.noise_step(), "deepspeed": None}
+        return noise_state, {**state_dict, "param_groups": migrated}
+
+    def _check_migration_source(self, state_dict: dict) -> None:
+        """Raise ``ValueError`` unless this optimizer can take ``state_dict`` when switched to."""
 
     def _check_deepspeed_state(self, mergopt_state: dict, params: list) -> None:
         """Under DeepSpeed ZeRO, raise ``ValueError`` before anything changes unless the state was
@@ -992,8 +1085,8 @@ class PerturbationMixin:
                 len(saved["params"]) != len(group["params"]) for saved, group in zip(saved_groups, self.param_groups)):
             raise ValueError("state_dict['param_groups'] does not match this optimizer's param groups "
                              "(number of groups or of parameters per group)")
-        for saved in saved_groups:
-            options = dict(saved)
+        for saved, group in zip(saved_groups, self.param_groups):
+            options = dict(saved, params=group["params"])
             missing = [k for k in NOISE_OPTIONS if k not in options]
             if missing:
                 raise ValueError(f"state_dict['param_groups'] entries lack the noise options {missing}")

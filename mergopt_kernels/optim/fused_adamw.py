@@ -6,6 +6,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .. import validation
 from . import _perturbation as pt
 
 
@@ -133,9 +134,6 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
         """
         loss = self._begin_step(closure)
         book = self._book
-        for p in self._all_params():
-            if p.grad is not None and p.grad.is_sparse:
-                raise TypeError("FusedMergOptAdamW does not support sparse gradients")
         written: dict[int, dict] = {}  # group index -> the noise options this step applies
         for index, group, group_params in self._step_groups():
             noise = pt.noise_options(group)
@@ -156,14 +154,9 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
         noisy = [noise is not None and p.requires_grad for p in params]
         fused = [h and n and applied == noise for h, n in zip(held, noisy)]
         apart = [p for p, h, f in zip(params, held, fused) if h and not f]
-        if apart:  # options changed, or no longer noisy: restore with the options that wrote it
-            self._launch(index, apart, [None] * len(apart), applied, restore=True, apply_offset=-1)
-        for p in params:
-            book.held.pop(p, None)
         grads = [p.grad if p.grad is None or p.grad.is_contiguous() else p.grad.contiguous() for p in params]
-        stepped = [self.state[p]["step"] for p, g in zip(params, grads) if g is not None]
-        if stepped:
-            torch._foreach_add_(stepped, 1.0)
+        beta1, beta2 = float(group["betas"][0]), float(group["betas"][1])  # a tensor beta is read: a host sync
+        launches = []  # (params, grads, noise, restore, adam): the plan, made before anything is written
         for restore, perturb in ((True, True), (False, True), (False, False)):
             chosen = [i for i in range(len(params)) if fused[i] == restore and noisy[i] == perturb
                       and (perturb or grads[i] is not None)]
@@ -174,13 +167,25 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
                 exp_avgs=[self.state[p]["exp_avg"] for p in sub_params],
                 exp_avg_sqs=[self.state[p]["exp_avg_sq"] for p in sub_params],
                 max_exp_avg_sqs=[self.state[p]["max_exp_avg_sq"] for p in sub_params] if group["amsgrad"] else [],
-                steps=[self.state[p]["step"] for p in sub_params], lr=group["lr"],
-                beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
-                weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
+                steps=[self.state[p]["step"] for p in sub_params], lr=group["lr"], beta1=beta1, beta2=beta2,
+                eps=group["eps"], weight_decay=group["weight_decay"], amsgrad=group["amsgrad"],
                 maximize=group["maximize"])
-            self._launch(index, sub_params, sub_grads, noise if perturb else None, restore=restore,
-                         apply_offset=1, adam=adam if any(g is not None for g in sub_grads) else None)
-            if perturb:
+            launches.append((sub_params, sub_grads, noise if perturb else None, restore,
+                             adam if any(g is not None for g in sub_grads) else None))
+        if apart:  # options changed, or no longer noisy: restore with the options that wrote it
+            self._launch(index, apart, [None] * len(apart), applied, restore=True, apply_offset=-1)
+            for p in apart:
+                del book.held[p]
+        stepped = [self.state[p]["step"] for p, g in zip(params, grads) if g is not None]
+        if stepped:
+            torch._foreach_add_(stepped, 1.0)
+        for sub_params, sub_grads, sub_noise, restore, adam in launches:
+            self._launch(index, sub_params, sub_grads, sub_noise, restore=restore, apply_offset=1, adam=adam)
+        # The ledger follows the writes once they all returned.
+        for p in params:
+            book.held.pop(p, None)
+        for sub_params, _, sub_noise, _, _ in launches:
+            if sub_noise is not None:
                 for p in sub_params:
                     book.held[p] = True
 
@@ -207,14 +212,30 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
                 state["state"][position] = {**state["state"].get(position, {}), **entry}
         return self._with_mergopt_state(state)
 
+    def _check_migration_source(self, state_dict: dict) -> None:
+        """Only AdamW's state is taken: groups with AdamW's options and decoupled weight decay."""
+        for index, group in enumerate(state_dict["param_groups"]):
+            missing = [k for k in ("lr", "betas", "eps", "weight_decay", "amsgrad") if k not in group]
+            if missing:
+                raise ValueError(f"state_dict was saved neither by FusedMergOptAdamW nor by torch.optim.AdamW: "
+                                 f"param group {index} lacks {missing}")
+            if group.get("decoupled_weight_decay") is False and group["weight_decay"] != 0:
+                raise ValueError(f"state_dict param group {index} was saved by torch.optim.Adam with L2 weight "
+                                 "decay, not AdamW's decoupled weight decay: it cannot be continued as AdamW")
+
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state saved by ``state_dict()``. The parameters hold the clean weights saved
         with it, whether loaded before the optimizer was built or after (the optimizer sees the
         write), or the current perturbed ones (they are restored first).
 
+        A ``torch.optim.AdamW`` state dict is taken too, to switch a running AdamW job to
+        MergOPT: its moments, steps and options are loaded, the seed and noise options stay
+        this optimizer's, and the parameters hold the current step's perturbation after it.
+
         Moments and masters stay fp32 whatever the parameters' dtype; they and the parameters'
-        state follow the parameters' device.
+        state follow the parameters' device. Every entry is checked (names, shapes) against its
+        parameter before anything changes.
         """
         mergopt_state, state_dict = self._split_mergopt_state(state_dict, "FusedMergOptAdamW")
         self._sync_deepspeed()
@@ -223,7 +244,7 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         perturbed, saved_state = self._split_exact_entries(state_dict["state"], list(zip(saved_ids, params)))
-        new_state = {p: _fp32_state(saved_state.get(saved_id, {}), p) for saved_id, p in zip(saved_ids, params)}
+        new_state = {p: _fp32_state(saved_state.get(saved_id, {}), p, saved_id) for saved_id, p in zip(saved_ids, params)}
         self._check_deepspeed_state(mergopt_state, params)
         deepspeed = self._book.deepspeed is not None
         if not deepspeed:
@@ -238,40 +259,66 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
             self._finish_load(mergopt_state, perturbed)
 
 
-def _fp32_state(entry: dict, p: torch.Tensor) -> dict:
-    """A saved state entry as fp32 tensors on ``p``'s device (numbers, e.g. a float step, too)."""
+MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+
+def _fp32_state(entry: dict, p: torch.Tensor, saved_id) -> dict:
+    """A saved state entry as fp32 tensors on ``p``'s device (numbers, e.g. a float step, too),
+    after checking it: a 1-element ``step`` and moments of ``p``'s shape (of its slice for a
+    ZeRO-3 parameter), nothing else."""
+    where = f"state_dict['state'][{saved_id!r}]"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} must be a dict, got {type(entry).__name__}")
+    unknown = set(entry) - {"step", "master", *MOMENTS}
+    if unknown:
+        raise ValueError(f"{where} has entries {sorted(map(str, unknown))}; expected 'step', 'master' and {MOMENTS}")
+    shape = pt.state_shape(p)
     converted = {}
     for name, value in entry.items():
         if isinstance(value, bool) or not isinstance(value, (torch.Tensor, int, float)):
-            raise ValueError(f"state_dict['state'] entry {name!r} must be a tensor or a number, "
-                             f"got {type(value).__name__}")
+            raise ValueError(f"{where}[{name!r}] must be a tensor or a number, got {type(value).__name__}")
+        if name == "step" and isinstance(value, torch.Tensor) and value.numel() != 1:
+            raise ValueError(f"{where}['step'] must hold one number, got shape {tuple(value.shape)}")
+        if name != "step" and (not isinstance(value, torch.Tensor) or value.shape != shape):
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(f"{where}[{name!r}] must be a tensor of the parameter's shape {tuple(shape)}, got {got}")
+        if isinstance(value, torch.Tensor) and not value.is_floating_point():
+            raise ValueError(f"{where}[{name!r}] must be a floating-point tensor, got {value.dtype}")
         converted[name] = torch.as_tensor(value).to(device=p.device, dtype=torch.float32, copy=True)
+        if name == "step":
+            converted[name] = converted[name].reshape(())
     return converted
 
 
 def _check_adam_options(group: dict, read_tensor: bool) -> None:
     """Check (and normalise in place) a group's AdamW options; ``read_tensor=False`` at step
     time, where a tensor lr is not read (no host sync)."""
-    pt._finite_number("lr", group["lr"], 0.0, read_tensor)
-    pt._finite_number("eps", group["eps"], 0.0)
-    pt._finite_number("weight_decay", group["weight_decay"], 0.0)
+    validation.finite_number("lr", group["lr"], 0.0, read_tensor)
+    validation.finite_number("eps", group["eps"], 0.0)
+    validation.finite_number("weight_decay", group["weight_decay"], 0.0)
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    for name, beta in zip(("betas[0]", "betas[1]"), betas):
-        pt._finite_number(name, beta, read_tensor=False)
-        if isinstance(beta, torch.Tensor):
-            raise TypeError(f"{name} must be a number, not a tensor")
-        if not 0.0 <= float(beta) < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {beta}")
     for flag in ("amsgrad", "maximize"):
-        pt.check_flag(group, flag)
+        validation.check_flag(group, flag)
     for flag in ("foreach", "fused"):
-        pt.check_flag(group, flag, allow_none=True)
+        validation.check_flag(group, flag, allow_none=True)
+    validation.check_flag(group, "capturable")
+    tensors = [isinstance(beta, torch.Tensor) for beta in betas]
+    if any(tensors) and not all(tensors):
+        raise ValueError("betas must be either both numbers or both 1-element tensors (as in torch.optim.AdamW)")
+    if all(tensors) and group["foreach"] and not group["capturable"]:
+        raise ValueError("betas as tensors are not supported with capturable=False and foreach=True "
+                         "(as in torch.optim.AdamW)")
+    for name, beta in zip(("betas[0]", "betas[1]"), betas):
+        validation.finite_number(name, beta, read_tensor=read_tensor)
+        if isinstance(beta, torch.Tensor) and not read_tensor:
+            continue  # checked when the group was added; not read at step time (no host sync)
+        if not 0.0 <= float(beta) < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {float(beta)}")
     if group["foreach"] and group["fused"]:
         raise ValueError("foreach and fused cannot both be True (as in torch.optim.AdamW)")
-    pt.check_flag(group, "capturable")
-    pt.check_flag(group, "differentiable")
+    validation.check_flag(group, "differentiable")
     if group["differentiable"]:
         raise ValueError("differentiable=True is not supported: the step is an in-place fused kernel, "
                          "autograd cannot differentiate through it")

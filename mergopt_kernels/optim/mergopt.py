@@ -30,6 +30,7 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
     """
 
     _state_follows_dtype = True  # the base's state follows a cast parameter, as in torch
+    _kernels_read_grads = False  # the base optimizer reads the gradients
 
     def __init__(self, base: torch.optim.Optimizer, *, noise_scale=5e-4, noise_loc=0.0,
                  alphas=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6), k_max=7, distribution="laplace",
@@ -45,7 +46,7 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
         seen: set = set()
         for group in base.param_groups:
             options = {k: group.get(k, v) for k, v in noise_defaults.items()}
-            pt.check_noise_options(options)
+            pt.check_noise_options(options, group["params"])
             pt.check_params(group["params"], seen)
             checked.append(options)
         # The base's group dicts themselves become this optimizer's groups.
@@ -86,8 +87,17 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
         if self._book.deepspeed is not None:
             self._deepspeed_step()
             return loss
+        applied = dict(self._book.applied)
         self._restore_pass()
-        self.base.step()
+        try:
+            self.base.step()
+        except BaseException:
+            # The base raised: the perturbation it was given returns (up to the rounding of a
+            # restore, for fp32 parameters), so the run can go on as if step() was not called.
+            self._book.applied = applied
+            self._write_pass(apply_offset=0)
+            self._record_writes()
+            raise
         for p in self._all_params():
             master = self._masters.get(p, {}).get("master")
             if master is not None:
@@ -136,7 +146,11 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
 
     @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state saved by ``state_dict()`` (see ``FusedMergOptAdamW.load_state_dict``)."""
+        """Load a state saved by ``state_dict()`` (see ``FusedMergOptAdamW.load_state_dict``).
+
+        A state dict of the base optimizer alone is taken too, to switch a running job to
+        MergOPT: the base's state and options are loaded, the noise options and seed stay this
+        optimizer's, and the parameters hold the current step's perturbation after it."""
         mergopt_state, state_dict = self._split_mergopt_state(state_dict, "MergOpt")
         self._sync_deepspeed()
         self._check_loadable_groups(state_dict["param_groups"])
@@ -145,6 +159,7 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
         pairs = list(zip(saved_ids, params))
         masters, base_state = _split_masters(state_dict["state"], pairs)
         perturbed, base_state = self._split_exact_entries(base_state, pairs, "mergopt_perturbed")
+        _check_base_entries(base_state, pairs)
         self._check_deepspeed_state(mergopt_state, params)
         deepspeed = self._book.deepspeed is not None
         if deepspeed:  # DeepSpeed put the partitions it saves into param_groups, not into base's
@@ -175,3 +190,17 @@ def _split_masters(state: dict, pairs: list) -> tuple[dict, dict]:
         masters[p] = master.to(device=p.device, dtype=torch.float32, copy=True)
         rest[saved_id] = {k: v for k, v in entry.items() if k != "mergopt_master"}
     return masters, rest
+
+
+def _check_base_entries(state: dict, pairs: list) -> None:
+    """Raise ``ValueError`` before anything changes when a saved tensor of more than one
+    element does not have its parameter's shape (torch's optimizers keep per-element state
+    shaped like the parameter, and scalars such as ``step``)."""
+    for saved_id, p in pairs:
+        entry = state.get(saved_id, {})
+        if not isinstance(entry, dict):
+            raise ValueError(f"state_dict['state'][{saved_id!r}] must be a dict, got {type(entry).__name__}")
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.numel() > 1 and value.shape != pt.state_shape(p):
+                raise ValueError(f"state_dict['state'][{saved_id!r}][{name!r}] has shape {tuple(value.shape)}, "
+                                 f"but its parameter's state has shape {tuple(pt.state_shape(p))}")

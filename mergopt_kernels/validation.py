@@ -1,0 +1,53 @@
+"""Checks of user-given values shared by the optimizers, merging and the command line: each
+raises ``TypeError``/``ValueError`` naming the argument and what was expected, and modifies
+nothing (``check_flag`` normalises a valid flag in place)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import numpy
+import torch
+
+MASK64 = (1 << 64) - 1
+
+
+def finite_number(name: str, value, minimum: Optional[float] = None, read_tensor: bool = True) -> None:
+    """Check a number option: a real number (Python or numpy) or a 1-element float tensor.
+    With ``read_tensor=False`` a tensor's value is not read (no host sync at step time)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or not value.is_floating_point():
+            raise TypeError(f"{name} must be a float or a 1-element float tensor, got shape {tuple(value.shape)}")
+        if not read_tensor:
+            return
+        value = float(value.detach().cpu())
+    if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def check_flag(group: dict, name: str, allow_none: bool = False) -> None:
+    """Check that ``group[name]`` is bool-like (a bool, numpy bool, or the integer 0 or 1, as
+    torch's optimizers accept; None too with ``allow_none``) and store it as a bool."""
+    value = group[name]
+    if value is None and allow_none:
+        return
+    if not isinstance(value, (bool, numpy.bool_)) and not (isinstance(value, numbers.Integral) and value in (0, 1)):
+        raise TypeError(f"{name} must be a bool{' or None' if allow_none else ''}, got {value!r}")
+    if type(value) is not bool:  # no write when already a bool: compiled steps stay one graph
+        group[name] = bool(value)
+
+
+def check_seed(name: str, seed, allow_none: bool = False) -> Optional[int]:
+    """A 64-bit seed given as an integer (Python or numpy, not bool) in [0, 2**64), as an int
+    (None too with ``allow_none``)."""
+    if seed is None and allow_none:
+        return None
+    if isinstance(seed, (bool, numpy.bool_)) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MASK64:
+        raise ValueError(f"{name} must be {'None or ' if allow_none else ''}an integer in [0, 2**64), got {seed!r}")
+    return int(seed)
