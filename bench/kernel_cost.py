@@ -28,7 +28,7 @@ BEGIN, END = "<!-- kernel-cost:begin -->", "<!-- kernel-cost:end -->"
 # H100 SXM and H200), one warp-instruction per scheduler and cycle.
 ISSUE_RATE = 132 * 4 * 32 * 1.98e9
 HBM = {"H100 SXM": 3.35e12, "H200": 4.8e12}   # bytes per second
-TARGET_PER_BYTE = 5.0
+TARGET_PER_BYTE = 4.5
 
 MAIN_VARIANTS = (
     dict(dtype=torch.float32, noise="laplace", mode="restore+apply"),
@@ -52,18 +52,32 @@ def bytes_per_element(options: dict) -> int:
     return moved + (8 if full["amsgrad"] else 0)
 
 
+_STUB_OPCODES = ("CALL", "MOV", "IMAD.MOV", "HFMA2.MMA", "BSSY", "BSYNC", "BRA")
+
+
 def main_path(sass: str) -> list[str]:
     """SASS instructions of the kernel body up to its first EXIT: the path a full block takes
-    (with a gradient) plus the untaken arm of uniform branches; the IEEE slow paths of
-    div_rn/sqrt_rn placed after EXIT run only for special operands and are left out."""
-    body = []
+    (with a gradient) plus the untaken arm of uniform branches. Left out: the subroutines after
+    EXIT (the slow paths of IEEE division and square root) and the blocks that call them, which
+    a forward branch skips unless an operand is out of the fast path's range (a square root of
+    0 or below 2**-101, a division that FCHK flags)."""
+    body = []   # (address, opcode, branch target or None)
     for line in sass.splitlines():
-        match = re.match(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
+        match = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*(0x[0-9a-f]+)?", line)
         if match:
-            body.append(match.group(1))
-            if match.group(1) == "EXIT":
+            address, predicate, opcode, target = match.groups()
+            branch = int(target, 16) if opcode == "BRA" and predicate and target else None
+            body.append((int(address, 16), opcode, branch))
+            if opcode == "EXIT":
                 break
-    return body
+    skipped = set()
+    for address, _, target in body:
+        if target is not None and target > address:
+            block = [(a, op) for a, op, _ in body if address < a < target]
+            # A call stub: the call, the moves of its operands and result, a branch back.
+            if any(op.startswith("CALL") for _, op in block) and all(op.startswith(_STUB_OPCODES) for _, op in block):
+                skipped.update(a for a, _ in block)
+    return [opcode for address, opcode, _ in body if address not in skipped]
 
 
 def measure(options: dict, arch: int = 90) -> dict:
@@ -96,11 +110,13 @@ def table(rows: list[dict]) -> str:
         f"Regenerate with `python -m bench.kernel_cost` (TRITON_INTERPRET unset; compiles on the CPU, no GPU "
         f"needed); triton {triton.__version__}, torch {torch.__version__}. The full-block kernel of each "
         "variant (interior blocks of 16-byte aligned tensors; 2048 elements, 4 warps, 16 elements per "
-        "thread), SASS counted on the body up to EXIT (both arms of uniform branches counted, slow "
-        "paths of IEEE div/sqrt after EXIT not). Balance = issue rate / HBM bandwidth, issue rate = "
+        "thread), SASS counted on the body up to EXIT: both arms of uniform branches counted; the "
+        "slow paths of the IEEE division and square root of the update (subroutines after EXIT, and the "
+        "blocks that call them, which run only for a second moment of 0 or below 2**-101 or a quotient "
+        "FCHK flags) not. Balance = issue rate / HBM bandwidth, issue rate = "
         "132 SMs x 4 schedulers x 32 lanes x 1.98 GHz = 33.4 T lane-instructions/s: "
         + ", ".join(f"{name} {value:.1f} instructions/byte" for name, value in balance.items())
-        + f". Target: at most {TARGET_PER_BYTE:.0f} instructions/byte.",
+        + f". Target: at most {TARGET_PER_BYTE:g} instructions/byte.",
         "",
         "Alignment: the launcher checks on the host that every address of a tensor is 16-byte aligned and "
         "its index base a multiple of 4; only then do its interior blocks run the full-block kernel, which "
@@ -121,7 +137,7 @@ def table(rows: list[dict]) -> str:
     worst = max(rows, key=lambda r: r["per_byte"])
     verdict = "meets" if worst["per_byte"] <= TARGET_PER_BYTE else "misses"
     lines += ["", f"Worst variant: {worst['label']} at {worst['per_byte']:.2f} instructions/byte: {verdict} the "
-              f"{TARGET_PER_BYTE:.0f} instructions/byte target.", END]
+              f"{TARGET_PER_BYTE:g} instructions/byte target.", END]
     return "\n".join(lines)
 
 

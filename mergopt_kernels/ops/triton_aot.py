@@ -6,7 +6,8 @@ binder (``create_function_from_signature`` and ``JITFunction._pack_args``, the c
 runs), so signature, constexprs and specialisation attributes (pointer alignment, integer widths,
 ``do_not_specialize``) are exactly what a GPU launch would compile. Each variant then goes through
 ``triton.compile`` to a cubin for ``GPUTarget("cuda", arch, 32)``; registers, spills and the SASS
-come from the cubin with the ``cuobjdump`` that ships in the Triton wheel.
+come from the cubin with the ``cuobjdump`` that ships in the Triton wheel, and the PTX is checked
+for approximate division and square root outside the noise transform (``inexact_ops``).
 
 Needs real ``JITFunction`` objects: run it with ``TRITON_INTERPRET`` unset (``python -m
 mergopt_kernels.ops.triton_aot`` does; the tests run it in a subprocess).
@@ -32,6 +33,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
+from . import triton_noise
 from .step_args import FusedStepArgs
 
 ARCHES = (80, 90)
@@ -105,6 +107,7 @@ class Result:
     local_bytes: int = 0       # per-thread local memory: spills (and stack)
     shared_bytes: int = 0
     sass: str = ""
+    inexact: list = dataclasses.field(default_factory=list)   # inexact_ops of the PTX
     error: Optional[str] = None
 
     @property
@@ -125,6 +128,7 @@ def compile_launch(launch: Launch, arch: int, keep_sass: bool = False) -> Result
         result.error = f"{type(error).__name__}: {error}" + (f" (caused by {cause!r})" if cause is not error else "")
         return result
     result.shared_bytes = int(compiled.metadata.shared)
+    result.inexact = inexact_ops(compiled.asm["ptx"])
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")
         with open(cubin, "wb") as f:
@@ -135,6 +139,49 @@ def compile_launch(launch: Launch, arch: int, keep_sass: bool = False) -> Result
     result.local_bytes = int(re.search(r"STACK:(\d+)", usage).group(1)) + int(re.search(r"LOCAL:(\d+)", usage).group(1))
     result.sass = sass if keep_sass else "\n".join(l for l in sass.splitlines() if re.search(r"\b(?:STL|LDL)\b", l))
     return result
+
+
+# PTX division and square root that are not IEEE round-to-nearest (what `/`, tl.sqrt and
+# tl.rsqrt compile to; tl.div_rn and tl.sqrt_rn give div.rn and sqrt.rn).
+_INEXACT = re.compile(r"^\s*(?:@!?%\w+\s+)?((?:div\.(?:full|approx)|sqrt\.approx|rcp\.approx|rsqrt\.approx)\S*)")
+_LOC = re.compile(r"^\s*\.loc\s+(\d+)\s+(\d+)\s+\d+(?:.*inlined_at\s+(\d+)\s+\d+)?")
+_FILE = re.compile(r'^\s*\.file\s+(\d+)\s+"([^"]+)"', re.MULTILINE)
+
+
+def _is_noise_module(path: str) -> bool:
+    # By the path inside the package: Triton's cache hands out the PTX of the same source
+    # compiled from another checkout.
+    return os.path.normpath(path).endswith(os.path.join("", *triton_noise.__name__.split(".")) + ".py")
+
+
+def inexact_ops(ptx: str) -> list[str]:
+    """Approximate division and square root instructions of ``ptx`` outside the noise
+    transform, as "opcode at file:line" (the source line from the PTX's ``.loc`` directives).
+
+    The noise transform (``ops/triton_noise.py``: an instruction located there, or inlined from
+    there) may use them: its error bound against float64 is measured with them
+    (``python_tests/test_noise.py``). Everything else, the AdamW update first, divides and takes
+    square roots as torch's fused AdamW does, rounded to nearest. An instruction without a
+    location (Triton compiled without line information: TRITON_DISABLE_LINE_INFO) is reported.
+    """
+    files = dict(_FILE.findall(ptx))
+    location = None
+    found = []
+    for line in ptx.splitlines():
+        loc = _LOC.match(line)
+        if loc:
+            location = loc.groups()
+            continue
+        op = _INEXACT.match(line)
+        if op is None:
+            continue
+        if location is None:
+            found.append(f"{op.group(1)} at an unknown line (PTX without line information)")
+            continue
+        file_id, source_line, caller_id = location
+        if not any(_is_noise_module(files.get(i, "")) for i in (file_id, caller_id) if i):
+            found.append(f"{op.group(1)} at {os.path.basename(files.get(file_id, '?'))}:{source_line}")
+    return found
 
 
 def _cuobjdump(flag: str, cubin: str) -> str:
@@ -276,7 +323,7 @@ def one_option_at_a_time() -> list[Launch]:
 
 def main(argv=None) -> int:
     """Compile the CI subset or the full set; print one line per variant; exit 1 on any compile
-    error or spill, or when the CI subset misses a parameter type or constexpr value that some
+    error, spill or approximate division or square root outside the noise (``inexact_ops``), or when the CI subset misses a parameter type or constexpr value that some
     single launcher option produces."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--set", choices=("ci", "full"), default="ci")
@@ -297,9 +344,12 @@ def main(argv=None) -> int:
     pairs = unique(launches)
     results = compile_all(pairs, args.workers)
     for r in results:
-        bad = r.error is not None or r.local_bytes > 0 or r.spills > 0
+        bad = r.error is not None or r.local_bytes > 0 or r.spills > 0 or bool(r.inexact)
         failures += bad
-        status = r.error or f"{r.registers} registers, {r.local_bytes} B local, {r.spills} spill instructions"
+        status = r.error or (f"{r.registers} registers, {r.local_bytes} B local, {r.spills} spill instructions, "
+                             f"{len(r.inexact)} approximate div/sqrt outside the noise")
+        if r.inexact:
+            status += ": " + ", ".join(sorted(set(r.inexact)))
         print(f"{'FAIL' if bad else 'ok  '} sm_{r.arch} {r.label}: {status}", flush=True)
     print(f"{len(results)} variants compiled (triton {triton.__version__}), {failures} failures")
     if args.json:

@@ -188,8 +188,10 @@ def _fused_step_kernel(
             max_exp_avg_sq_ptr = _column(row, F_MAX_EXP_AVG_SQ, tl.float32, start, FULL)
             second_moment = tl.maximum(tl.load(max_exp_avg_sq_ptr + offsets, mask=mask), exp_avg_sq)
             tl.store(max_exp_avg_sq_ptr + offsets, second_moment, mask=mask)
-        denom = tl.sqrt(second_moment) * inv_bias_correction2_sqrt + tl.cast(eps, tl.float32)
-        theta = theta + (-step_size) * (exp_avg / denom)
+        # IEEE square root and division, as torch's fused AdamW computes them (tl.sqrt and /
+        # compile to sqrt.approx.ftz.f32 and div.full.f32, a few ulps off).
+        denom = tl.sqrt_rn(second_moment) * inv_bias_correction2_sqrt + tl.cast(eps, tl.float32)
+        theta = theta + (-step_size) * tl.div_rn(exp_avg, denom)
 
     if HAS_MASTER:
         tl.store(master_ptr + offsets, theta, mask=mask)
