@@ -12,6 +12,7 @@ H100 and H200, and writes the table into bench/RESULTS.md between its markers.
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import re
 import sys
@@ -82,7 +83,7 @@ def main_path(sass: str) -> list[str]:
 
 def measure(options: dict, arch: int = 90) -> dict:
     """Compiler numbers of the full-block kernel of one variant."""
-    launch = next(l for l in triton_aot.step_launches(options) if l.kwargs["FULL"])
+    launch = next(l for l in triton_aot.step_launches(options) if l.kwargs.get("FULL"))
     result = triton_aot.compile_launch(launch, arch, keep_sass=True)
     if result.error:
         raise RuntimeError(f"{launch.label}: {result.error}")
@@ -108,7 +109,7 @@ def table(rows: list[dict]) -> str:
         "## Triton step: static cost (sm_90)",
         "",
         f"Regenerate with `python -m bench.kernel_cost` (TRITON_INTERPRET unset; compiles on the CPU, no GPU "
-        f"needed); triton {triton.__version__}, torch {torch.__version__}. The full-block kernel of each "
+        f"needed); {datetime.date.today().isoformat()}, triton {triton.__version__}, torch {torch.__version__}. The full-block kernel of each "
         "variant (interior blocks of 16-byte aligned tensors; 2048 elements, 4 warps, 16 elements per "
         "thread), SASS counted on the body up to EXIT: both arms of uniform branches counted; the "
         "slow paths of the IEEE division and square root of the update (subroutines after EXIT, and the "

@@ -52,22 +52,28 @@ class Launch:
         return getattr(sys.modules[module], name)
 
 
-def record(kernel, launch: Callable[[], None], label: str) -> list[Launch]:
-    """The launches of ``kernel`` that ``launch()`` makes, without running the kernel."""
-    if not isinstance(kernel, triton.runtime.jit.JITFunction):
-        raise TypeError(f"record() needs a JITFunction (TRITON_INTERPRET unset), got {type(kernel).__name__}")
+def record(kernels, launch: Callable[[], None], label: str) -> list[Launch]:
+    """The launches of ``kernels`` (one JITFunction or a sequence) that ``launch()`` makes, in
+    order, without running them."""
+    kernels = list(kernels) if isinstance(kernels, (list, tuple)) else [kernels]
+    for kernel in kernels:
+        if not isinstance(kernel, triton.runtime.jit.JITFunction):
+            raise TypeError(f"record() needs JITFunctions (TRITON_INTERPRET unset), got {type(kernel).__name__}")
     seen: list[Launch] = []
-    name = f"{kernel.fn.__module__}:{kernel.fn.__name__}"
 
-    def recorder(*args, grid, warmup, **kwargs):
-        seen.append(Launch(name, tuple(_portable(a) for a in args), {k: _portable(v) for k, v in kwargs.items()},
-                           label))
+    def recorder(name):
+        def run(*args, grid, warmup, **kwargs):
+            seen.append(Launch(name, tuple(_portable(a) for a in args),
+                               {k: _portable(v) for k, v in kwargs.items()}, label))
+        return run
 
-    kernel.run = recorder
     try:
+        for kernel in kernels:
+            kernel.run = recorder(f"{kernel.fn.__module__}:{kernel.fn.__name__}")
         launch()
     finally:
-        del kernel.run
+        for kernel in kernels:
+            kernel.__dict__.pop("run", None)
     return seen
 
 
@@ -258,7 +264,7 @@ def step_launches(options: dict) -> list[Launch]:
             noise_scale=5e-4 if noisy else 0.0, alphas=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6), k_max=7,
             distribution=full["noise"] if noisy else "laplace", restore=restore, apply_offset=apply_offset))
 
-    return record(triton_step._fused_step_kernel, launch, _step_label(options))
+    return record((triton_step._step_scales_kernel, triton_step._fused_step_kernel), launch, _step_label(options))
 
 
 def all_step_options() -> Iterator[dict]:

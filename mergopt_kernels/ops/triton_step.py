@@ -2,6 +2,8 @@
 
 Two launches handle every tensor of a (param group, device, dtype) bucket: a tensor table holds
 each tensor's addresses and metadata, a block table maps each program to (tensor, first group).
+With noise, a one-program launch before them computes the step's two scales s_t and s_u on the
+device, which every block then reads instead of running the scale's Philox call per thread.
 Blocks are aligned on the noise stream's four-element groups of the *global* element index, so
 a shard that starts mid-group (uneven FSDP shards) is handled by masking. Full blocks (inside
 an aligned tensor) run a kernel variant without masks and with 128-bit accesses; the rest (each
@@ -105,15 +107,23 @@ def _column(row, column, dtype: tl.constexpr, start, FULL: tl.constexpr):
     return pointer
 
 
+@triton.jit(do_not_specialize=["seed", "n_alphas", "k_max", "apply_offset"])
+def _step_scales_kernel(noise_step_ptr, alphas_ptr, scales_ptr, seed, n_alphas, k_max, apply_offset):
+    """scales[0] = s_t and scales[1] = s_(t + apply_offset) (fp32), t = noise_step[0]."""
+    noise_step = tl.load(noise_step_ptr)
+    at = tl.arange(0, 1)
+    tl.store(scales_ptr + at, triton_noise.step_scale(seed, noise_step, alphas_ptr, n_alphas, k_max))
+    tl.store(scales_ptr + 1 + at, triton_noise.step_scale(seed, noise_step + apply_offset, alphas_ptr, n_alphas, k_max))
+
+
 @triton.jit(do_not_specialize=["seed", "lr", "beta1", "weight1", "beta2", "weight2", "ln_beta1",
-                               "ln_beta2", "eps", "weight_decay", "noise_loc", "noise_scale", "n_alphas",
-                               "k_max"])
+                               "ln_beta2", "eps", "weight_decay", "noise_loc", "noise_scale"])
 def _fused_step_kernel(
     # Pointers
-    tensor_table_ptr, block_table_ptr, noise_step_ptr, alphas_ptr, lr_ptr,
+    tensor_table_ptr, block_table_ptr, noise_step_ptr, scales_ptr, lr_ptr,
     # Scalars
     seed, lr, beta1, weight1, beta2, weight2, ln_beta1, ln_beta2, eps, weight_decay,
-    noise_loc, noise_scale, n_alphas, k_max,
+    noise_loc, noise_scale,
     # Meta-parameters
     PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr, NOISY: tl.constexpr, RESTORE: tl.constexpr,
@@ -122,7 +132,8 @@ def _fused_step_kernel(
 ):
     """One block of 4 * BLOCK_G elements of one tensor. FULL blocks lie inside their tensor,
     start at a local index that is a multiple of 4 * BLOCK_G and have 16-byte aligned
-    addresses: no masks, 128-bit accesses. Other blocks are masked element by element."""
+    addresses: no masks, 128-bit accesses. Other blocks are masked element by element.
+    scales_ptr: s_t and s_(t + APPLY_OFFSET) from ``_step_scales_kernel`` (read when NOISY)."""
     block = tl.program_id(0).to(tl.int64)
     tensor = tl.load(block_table_ptr + 2 * block)
     first_group = tl.load(block_table_ptr + 2 * block + 1)
@@ -148,7 +159,7 @@ def _fused_step_kernel(
     else:
         theta = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
         if NOISY and RESTORE:
-            scale_now = triton_noise.step_scale(seed, noise_step, alphas_ptr, n_alphas, k_max)
+            scale_now = tl.load(scales_ptr)
             theta -= scale_now * triton_noise.element_noise(
                 seed, param_id, noise_step, first_group, noise_loc, noise_scale, BLOCK_G, GAUSSIAN)
 
@@ -197,7 +208,7 @@ def _fused_step_kernel(
         tl.store(master_ptr + offsets, theta, mask=mask)
     if NOISY and APPLY_OFFSET >= 0:
         apply_step = noise_step + APPLY_OFFSET
-        scale_next = triton_noise.step_scale(seed, apply_step, alphas_ptr, n_alphas, k_max)
+        scale_next = tl.load(scales_ptr + 1)
         theta += scale_next * triton_noise.element_noise(
             seed, param_id, apply_step, first_group, noise_loc, noise_scale, BLOCK_G, GAUSSIAN)
     if ROUND_BF16_FIRST:
@@ -287,15 +298,21 @@ def fused_step(args: FusedStepArgs, cache: Optional[dict] = None) -> None:
     # Options that change nothing (noise off; a restore with masters, which hold theta) are
     # passed as one value each: fewer kernel variants to compile.
     noisy = args.noise_scale != 0.0
+    seed = noise.seed_as_int64(args.seed)
+    if noisy:
+        scales = torch.empty(2, dtype=torch.float32, device=device)
+        _step_scales_kernel[(1,)](args.noise_step, alphas, scales, seed, alphas.numel(), int(args.k_max),
+                                  max(int(args.apply_offset), 0))
     for blocks, full, groups in ((full_blocks, True, block_groups[0]), (edge_blocks, False, block_groups[1])):
         if blocks.shape[0] == 0:
             continue
         _fused_step_kernel[(blocks.shape[0],)](
-            # Without a tensor lr, lr_ptr is never read: any valid pointer fills the slot.
-            tensor_table, blocks, args.noise_step, alphas, lr if lr_is_tensor else alphas,
-            noise.seed_as_int64(args.seed), 0.0 if lr_is_tensor else float(lr), beta1, 1.0 - beta1,
+            # Slots that are never read (lr without a tensor lr, the scales without noise) take
+            # any valid pointer.
+            tensor_table, blocks, args.noise_step, scales if noisy else alphas, lr if lr_is_tensor else alphas,
+            seed, 0.0 if lr_is_tensor else float(lr), beta1, 1.0 - beta1,
             beta2, 1.0 - beta2, ln_beta1, ln_beta2, float(args.eps), float(args.weight_decay),
-            float(args.noise_loc), float(args.noise_scale), alphas.numel(), int(args.k_max),
+            float(args.noise_loc), float(args.noise_scale),
             PARAM_DTYPE=_TL_DTYPES[params[0].dtype], HAS_MASTER=bool(args.masters), AMSGRAD=bool(args.amsgrad),
             MAXIMIZE=bool(args.maximize), NOISY=noisy, RESTORE=noisy and bool(args.restore) and not args.masters,
             APPLY_OFFSET=int(args.apply_offset) if noisy else -1,
