@@ -36,7 +36,7 @@ AOT_PYTHON ?= $(PY)
 AOT_ENV := env -u TRITON_INTERPRET PYTHONPATH=$(CURDIR)
 
 aot-full:
-	$(AOT_ENV) $(AOT_PYTHON) -m mergopt_kernels.ops.triton_aot --set full
+	$(AOT_ENV) $(AOT_PYTHON) -m tools.triton_aot --set full
 
 # The static cost table of the Triton step in bench/RESULTS.md.
 kernel-cost:

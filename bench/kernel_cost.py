@@ -1,7 +1,7 @@
 """Static cost model of the Triton step: the compiler's own numbers as a CPU-visible proxy for GPU speed.
 
 Each main launch variant of the fused step is recorded from the real launcher and compiled for
-sm_90 (``mergopt_kernels.ops.triton_aot``). From the full-block kernel (the one interior blocks
+sm_90 (``tools/triton_aot.py``). From the full-block kernel (the one interior blocks
 of every aligned tensor run) it reports registers, spills, shared memory, 128-bit accesses and
 SASS instructions per element and per byte moved, against the instruction/bandwidth balance of
 H100 and H200, and writes the table into bench/RESULTS.md between its markers.
@@ -20,7 +20,7 @@ import sys
 import torch
 import triton
 
-from mergopt_kernels.ops import triton_aot
+from tools import triton_aot
 
 RESULTS = os.path.join(os.path.dirname(__file__), "RESULTS.md")
 BEGIN, END = "<!-- kernel-cost:begin -->", "<!-- kernel-cost:end -->"
@@ -124,7 +124,7 @@ def table(rows: list[dict]) -> str:
         "states the alignment to the compiler with `tl.multiple_of`. fp32 columns get 128-bit accesses, 16-bit "
         "columns 64-bit ones (four elements per access in every column keeps one register layout: no shuffle "
         "through shared memory). Other LDG/STG are the per-block table and scalar loads. Compiled for sm_80 "
-        "and on triton 3.6 the same variants have no spills either (`python -m mergopt_kernels.ops.triton_aot`).",
+        "and on triton 3.6 the same variants have no spills either (`make aot-full`, `python -m tools.triton_aot`).",
         "",
         "| variant | registers | spills | shared B | LDG/STG 128-bit | 64-bit | 32-bit and narrower | fp64 ops "
         "| barriers+LDS/STS | instr/element | bytes/element | instr/byte | memory-bound on |",

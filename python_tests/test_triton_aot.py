@@ -19,7 +19,7 @@ def run_without_interpreter(args, cwd=REPO):
 
 
 def test_every_ci_variant_compiles_for_sm80_and_sm90_without_spills():
-    done = run_without_interpreter(["-m", "mergopt_kernels.ops.triton_aot", "--set", "ci", "--workers", "2"])
+    done = run_without_interpreter(["-m", "tools.triton_aot", "--set", "ci", "--workers", "2"])
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
     assert " 0 failures" in done.stdout
     compiled = [line for line in done.stdout.splitlines() if line.startswith("ok")]
@@ -44,7 +44,7 @@ def test_a_kernel_the_interpreter_accepts_but_the_compiler_rejects_is_reported(t
     '''))
     (tmp_path / "check.py").write_text(textwrap.dedent('''
         import bad_kernel
-        from mergopt_kernels.ops import triton_aot
+        from tools import triton_aot
         [launch] = triton_aot.record(bad_kernel.kernel, bad_kernel.launch, "bad")
         print(triton_aot.compile_launch(launch, 90).error)
     '''))
@@ -59,7 +59,7 @@ _APPROXIMATE_UPDATE = textwrap.dedent('''
     import importlib.util, pathlib, sys
     import torch
     import mergopt_kernels.ops
-    from mergopt_kernels.ops import triton_aot
+    from tools import triton_aot
 
     source = pathlib.Path(mergopt_kernels.ops.__file__).with_name("triton_step.py").read_text()
     for exact, approximate in (("tl.sqrt_rn(second_moment)", "tl.sqrt(second_moment)"),
@@ -93,7 +93,7 @@ def test_the_noise_transform_may_use_approximate_square_roots():
     # test_noise.py): the check scopes it out, and only it.
     script = textwrap.dedent('''
         import torch, triton
-        from mergopt_kernels.ops import triton_aot
+        from tools import triton_aot
         launches = triton_aot.step_launches(dict(dtype=torch.float32, noise="gaussian", mode="restore+apply"))
         launch = next(l for l in launches if l.kwargs.get("FULL"))
         source, target, options = triton_aot.bind(launch, 90)

@@ -9,8 +9,8 @@ runs), so signature, constexprs and specialisation attributes (pointer alignment
 come from the cubin with the ``cuobjdump`` that ships in the Triton wheel, and the PTX is checked
 for approximate division and square root outside the noise transform (``inexact_ops``).
 
-Needs real ``JITFunction`` objects: run it with ``TRITON_INTERPRET`` unset (``python -m
-mergopt_kernels.ops.triton_aot`` does; the tests run it in a subprocess).
+Needs real ``JITFunction`` objects: run it from the repository root with ``TRITON_INTERPRET``
+unset (``make aot-full`` does; the tests run ``python -m tools.triton_aot`` in a subprocess).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from . import triton_noise
-from .step_args import FusedStepArgs
+from mergopt_kernels.ops import triton_noise
+from mergopt_kernels.ops.step_args import FusedStepArgs
 
 ARCHES = (80, 90)
 
@@ -242,7 +242,7 @@ def _step_label(options: dict) -> str:
 
 def step_launches(options: dict) -> list[Launch]:
     """Record ``triton_step.fused_step`` on small CPU tensors with these STEP_OPTIONS values."""
-    from . import triton_step
+    from mergopt_kernels.ops import triton_step
 
     full = {k: v[0] for k, v in STEP_OPTIONS.items()} | options
     dtype, amsgrad = full["dtype"], full["amsgrad"]
@@ -288,7 +288,7 @@ def unique(launches: list[Launch], arches=ARCHES) -> list[tuple[Launch, int]]:
 
 def test_kernel_launches() -> list[Launch]:
     """The launches of the test kernels in python_tests/test_noise.py (imported from there)."""
-    tests_dir = os.path.join(os.path.dirname(__file__), "..", "..", "python_tests")
+    tests_dir = os.path.join(os.path.dirname(__file__), "..", "python_tests")
     if tests_dir not in sys.path:
         sys.path.insert(0, tests_dir)
     import test_noise
