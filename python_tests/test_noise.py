@@ -279,7 +279,7 @@ def test_step_scale_matches_numpy_and_covers_the_grid(fresh_seed):
 
 def aot_launches(record):
     """The launches this file's kernels make, recorded by ``record(kernel, launch, label)`` of
-    ``mergopt_kernels.ops.triton_aot`` for the ahead-of-time compile test."""
+    ``tools/triton_aot.py`` for the ahead-of-time compile test."""
     launches = []
     for block_g in (16, 64, 256):
         for distribution in ("laplace", "gaussian"):

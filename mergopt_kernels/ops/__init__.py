@@ -52,14 +52,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def fused_step(backend: str, args: FusedStepArgs, cache: Optional[dict] = None) -> None:
     """Run the fused step of ``args`` on a resolved ``backend`` ("triton", "native" or "torch").
-    ``cache``: a dict kept per bucket by the caller, where the Triton backend keeps its address
-    tables between eager steps (None: none kept)."""
+    The Triton backend keeps its address tables itself (bounded); ``cache`` is ignored (it was
+    the caller's dict for them)."""
     if backend == "triton":
         from . import triton_step
         if torch.compiler.is_compiling():  # an opaque custom op: torch.compile cannot trace it
             triton_step.fused_step_op(args)
         else:
-            triton_step.fused_step(args, cache=cache)
+            triton_step.fused_step(args)
     elif backend == "native":
         from . import native
         native.fused_step(args)

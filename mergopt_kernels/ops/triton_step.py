@@ -2,6 +2,8 @@
 
 Two launches handle every tensor of a (param group, device, dtype) bucket: a tensor table holds
 each tensor's addresses and metadata, a block table maps each program to (tensor, first group).
+With noise, a one-program launch before them computes the step's two scales s_t and s_u on the
+device, which every block then reads instead of running the scale's Philox call per thread.
 Blocks are aligned on the noise stream's four-element groups of the *global* element index, so
 a shard that starts mid-group (uneven FSDP shards) is handled by masking. Full blocks (inside
 an aligned tensor) run a kernel variant without masks and with 128-bit accesses; the rest (each
@@ -11,9 +13,10 @@ tensor's last partial block, misaligned tensors) run the masked variant in small
 
 from __future__ import annotations
 
+import collections
 import math
 import os
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import triton
@@ -105,15 +108,23 @@ def _column(row, column, dtype: tl.constexpr, start, FULL: tl.constexpr):
     return pointer
 
 
+@triton.jit(do_not_specialize=["seed", "n_alphas", "k_max", "apply_offset"])
+def _step_scales_kernel(noise_step_ptr, alphas_ptr, scales_ptr, seed, n_alphas, k_max, apply_offset):
+    """scales[0] = s_t and scales[1] = s_(t + apply_offset) (fp32), t = noise_step[0]."""
+    noise_step = tl.load(noise_step_ptr)
+    at = tl.arange(0, 1)
+    tl.store(scales_ptr + at, triton_noise.step_scale(seed, noise_step, alphas_ptr, n_alphas, k_max))
+    tl.store(scales_ptr + 1 + at, triton_noise.step_scale(seed, noise_step + apply_offset, alphas_ptr, n_alphas, k_max))
+
+
 @triton.jit(do_not_specialize=["seed", "lr", "beta1", "weight1", "beta2", "weight2", "ln_beta1",
-                               "ln_beta2", "eps", "weight_decay", "noise_loc", "noise_scale", "n_alphas",
-                               "k_max"])
+                               "ln_beta2", "eps", "weight_decay", "noise_loc", "noise_scale"])
 def _fused_step_kernel(
     # Pointers
-    tensor_table_ptr, block_table_ptr, noise_step_ptr, alphas_ptr, lr_ptr,
+    tensor_table_ptr, block_table_ptr, noise_step_ptr, scales_ptr, lr_ptr,
     # Scalars
     seed, lr, beta1, weight1, beta2, weight2, ln_beta1, ln_beta2, eps, weight_decay,
-    noise_loc, noise_scale, n_alphas, k_max,
+    noise_loc, noise_scale,
     # Meta-parameters
     PARAM_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr, AMSGRAD: tl.constexpr,
     MAXIMIZE: tl.constexpr, NOISY: tl.constexpr, RESTORE: tl.constexpr,
@@ -122,7 +133,8 @@ def _fused_step_kernel(
 ):
     """One block of 4 * BLOCK_G elements of one tensor. FULL blocks lie inside their tensor,
     start at a local index that is a multiple of 4 * BLOCK_G and have 16-byte aligned
-    addresses: no masks, 128-bit accesses. Other blocks are masked element by element."""
+    addresses: no masks, 128-bit accesses. Other blocks are masked element by element.
+    scales_ptr: s_t and s_(t + APPLY_OFFSET) from ``_step_scales_kernel`` (read when NOISY)."""
     block = tl.program_id(0).to(tl.int64)
     tensor = tl.load(block_table_ptr + 2 * block)
     first_group = tl.load(block_table_ptr + 2 * block + 1)
@@ -148,7 +160,7 @@ def _fused_step_kernel(
     else:
         theta = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
         if NOISY and RESTORE:
-            scale_now = triton_noise.step_scale(seed, noise_step, alphas_ptr, n_alphas, k_max)
+            scale_now = tl.load(scales_ptr)
             theta -= scale_now * triton_noise.element_noise(
                 seed, param_id, noise_step, first_group, noise_loc, noise_scale, BLOCK_G, GAUSSIAN)
 
@@ -188,14 +200,16 @@ def _fused_step_kernel(
             max_exp_avg_sq_ptr = _column(row, F_MAX_EXP_AVG_SQ, tl.float32, start, FULL)
             second_moment = tl.maximum(tl.load(max_exp_avg_sq_ptr + offsets, mask=mask), exp_avg_sq)
             tl.store(max_exp_avg_sq_ptr + offsets, second_moment, mask=mask)
-        denom = tl.sqrt(second_moment) * inv_bias_correction2_sqrt + tl.cast(eps, tl.float32)
-        theta = theta + (-step_size) * (exp_avg / denom)
+        # IEEE square root and division, as torch's fused AdamW computes them (tl.sqrt and /
+        # compile to sqrt.approx.ftz.f32 and div.full.f32, a few ulps off).
+        denom = tl.sqrt_rn(second_moment) * inv_bias_correction2_sqrt + tl.cast(eps, tl.float32)
+        theta = theta + (-step_size) * tl.div_rn(exp_avg, denom)
 
     if HAS_MASTER:
         tl.store(master_ptr + offsets, theta, mask=mask)
     if NOISY and APPLY_OFFSET >= 0:
         apply_step = noise_step + APPLY_OFFSET
-        scale_next = triton_noise.step_scale(seed, apply_step, alphas_ptr, n_alphas, k_max)
+        scale_next = tl.load(scales_ptr + 1)
         theta += scale_next * triton_noise.element_noise(
             seed, param_id, apply_step, first_group, noise_loc, noise_scale, BLOCK_G, GAUSSIAN)
     if ROUND_BF16_FIRST:
@@ -204,8 +218,9 @@ def _fused_step_kernel(
 
 
 class _Tables:
-    """Tensor table and the two block tables (full blocks, edge blocks) of one bucket, rebuilt
-    only when an address or size changes.
+    """The device tensors a bucket's launches read besides its own: the tensor table, the two
+    block tables (full blocks, edge blocks) and the alphas, built from ``key`` =
+    (rows, block groups, alphas, device).
 
     A block is full when it lies inside its tensor, its tensor's index base is a multiple of 4
     (so the block starts at a local index that is a multiple of the block) and every address of
@@ -214,47 +229,64 @@ class _Tables:
     mid-group) goes through the masked edge path.
     """
 
-    def __init__(self):
-        self._key = None
-        self.tensor_table: Optional[torch.Tensor] = None
-        self.full_blocks: Optional[torch.Tensor] = None
-        self.edge_blocks: Optional[torch.Tensor] = None
-
-    def get(self, rows: list[tuple[int, ...]], block_groups: tuple[int, int], device: torch.device):
-        key = (tuple(rows), block_groups, device)
-        if key != self._key:
-            full_g, edge_g = block_groups
-            full, edge = [], []
-            for index, row in enumerate(rows):
-                numel, base = row[F_NUMEL], row[F_INDEX_BASE]
-                group, stop = base >> 2, ((base + numel - 1) >> 2) + 1
-                if base % 4 == 0 and all(row[f] % 16 == 0 for f in _POINTER_FIELDS):
-                    while 4 * (group + full_g) <= base + numel:
-                        full.append((index, group))
-                        group += full_g
-                edge.extend((index, g) for g in range(group, stop, edge_g))
-            self.tensor_table = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
-            self.full_blocks, self.edge_blocks = (
-                torch.tensor(blocks, dtype=torch.int64).reshape(-1, 2).to(device, non_blocking=True)
-                for blocks in (full, edge))
-            self._key = key
-        return self.tensor_table, self.full_blocks, self.edge_blocks
+    def __init__(self, key: tuple):
+        rows, (full_g, edge_g), alphas, device = key
+        full, edge = [], []
+        for index, row in enumerate(rows):
+            numel, base = row[F_NUMEL], row[F_INDEX_BASE]
+            group, stop = base >> 2, ((base + numel - 1) >> 2) + 1
+            if base % 4 == 0 and all(row[f] % 16 == 0 for f in _POINTER_FIELDS):
+                while 4 * (group + full_g) <= base + numel:
+                    full.append((index, group))
+                    group += full_g
+            edge.extend((index, g) for g in range(group, stop, edge_g))
+        self.key = key
+        self.tensor_table = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+        self.full_blocks, self.edge_blocks = (
+            torch.tensor(blocks, dtype=torch.int64).reshape(-1, 2).to(device, non_blocking=True)
+            for blocks in (full, edge))
+        self.alphas = torch.tensor(alphas, dtype=torch.float32).to(device, non_blocking=True)
 
 
-_ALPHAS: dict = {}
+class _TableCache:
+    """The ``_Tables`` of the last ``capacity`` buckets launched, least recently used dropped
+    first; a bucket's tables are rebuilt when anything they hold changes (a gradient allocated
+    at a new address, a tensor moved), replacing the old ones.
+
+    A bucket is told apart by (device, dtype, its first parameter's address, its number of
+    tensors, which have a gradient): the optimizers' passes over one bucket with and without
+    gradients keep one entry each. A CUDA graph that captured a launch reads its tables at their
+    addresses: they stay alive while the same bucket is launched with the same tensors, or until
+    ``capacity`` other buckets are launched after it.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._entries: collections.OrderedDict[tuple, _Tables] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, bucket: tuple, key: tuple) -> _Tables:
+        """The tables of ``bucket`` built from ``key`` (see ``_Tables``)."""
+        tables = self._entries.pop(bucket, None)
+        if tables is None or tables.key != key:
+            tables = _Tables(key)
+            while len(self._entries) >= self.capacity:
+                self._entries.popitem(last=False)
+        self._entries[bucket] = tables
+        return tables
 
 
-def _device_alphas(alphas: Sequence[float], device: torch.device) -> torch.Tensor:
-    key = (tuple(alphas), device)
-    if key not in _ALPHAS:
-        _ALPHAS[key] = torch.tensor(key[0], dtype=torch.float32, device=device)
-    return _ALPHAS[key]
+# One cache for the eager launches and those of the custom op (compiled steps).
+_TABLES = _TableCache(capacity=64)
 
 
 def fused_step(args: FusedStepArgs, cache: Optional[dict] = None) -> None:
     """Launch the fused step of ``args`` (see ``FusedStepArgs``; in place) over contiguous
-    tensors of one device and dtype. A tensor ``args.lr`` is read on the device; ``cache`` (a
-    dict the caller keeps per bucket) holds the address tables between steps.
+    tensors of one device and dtype. A tensor ``args.lr`` is read on the device. The address
+    tables are kept between steps in this module (``_TableCache``); ``cache`` is ignored (it
+    was the caller's dict for them).
     """
     params, grads = args.params, args.grads
     if not params:
@@ -274,9 +306,8 @@ def fused_step(args: FusedStepArgs, cache: Optional[dict] = None) -> None:
             param.numel(), args.param_ids[i], args.index_bases[i], int(grad is not None),
         ))
     block_groups = _groups_per_block(max(p.numel() for p in params))
-    tables = cache.setdefault("tables", _Tables()) if cache is not None else _Tables()
-    tensor_table, full_blocks, edge_blocks = tables.get(rows, block_groups, device)
-    alphas = _device_alphas(args.alphas, device)
+    bucket = (device, params[0].dtype, rows[0][F_PARAM], len(rows), tuple(row[F_HAS_GRAD] for row in rows))
+    tables = _TABLES.get(bucket, (tuple(rows), block_groups, tuple(map(float, args.alphas)), device))
     lr = args.lr
     lr_is_tensor = isinstance(lr, torch.Tensor)
     beta1, beta2 = float(args.beta1), float(args.beta2)
@@ -285,15 +316,23 @@ def fused_step(args: FusedStepArgs, cache: Optional[dict] = None) -> None:
     # Options that change nothing (noise off; a restore with masters, which hold theta) are
     # passed as one value each: fewer kernel variants to compile.
     noisy = args.noise_scale != 0.0
-    for blocks, full, groups in ((full_blocks, True, block_groups[0]), (edge_blocks, False, block_groups[1])):
+    seed = noise.seed_as_int64(args.seed)
+    if noisy:
+        scales = torch.empty(2, dtype=torch.float32, device=device)
+        _step_scales_kernel[(1,)](args.noise_step, tables.alphas, scales, seed, tables.alphas.numel(),
+                                  int(args.k_max), max(int(args.apply_offset), 0))
+    for blocks, full, groups in ((tables.full_blocks, True, block_groups[0]),
+                                 (tables.edge_blocks, False, block_groups[1])):
         if blocks.shape[0] == 0:
             continue
         _fused_step_kernel[(blocks.shape[0],)](
-            # Without a tensor lr, lr_ptr is never read: any valid pointer fills the slot.
-            tensor_table, blocks, args.noise_step, alphas, lr if lr_is_tensor else alphas,
-            noise.seed_as_int64(args.seed), 0.0 if lr_is_tensor else float(lr), beta1, 1.0 - beta1,
+            # Slots that are never read (lr without a tensor lr, the scales without noise) take
+            # any valid pointer.
+            tables.tensor_table, blocks, args.noise_step, scales if noisy else tables.alphas,
+            lr if lr_is_tensor else tables.alphas,
+            seed, 0.0 if lr_is_tensor else float(lr), beta1, 1.0 - beta1,
             beta2, 1.0 - beta2, ln_beta1, ln_beta2, float(args.eps), float(args.weight_decay),
-            float(args.noise_loc), float(args.noise_scale), alphas.numel(), int(args.k_max),
+            float(args.noise_loc), float(args.noise_scale),
             PARAM_DTYPE=_TL_DTYPES[params[0].dtype], HAS_MASTER=bool(args.masters), AMSGRAD=bool(args.amsgrad),
             MAXIMIZE=bool(args.maximize), NOISY=noisy, RESTORE=noisy and bool(args.restore) and not args.masters,
             APPLY_OFFSET=int(args.apply_offset) if noisy else -1,
@@ -301,23 +340,20 @@ def fused_step(args: FusedStepArgs, cache: Optional[dict] = None) -> None:
             ROUND_BF16_FIRST=interpreted() and params[0].dtype == torch.bfloat16,
             FULL=full, BLOCK_G=groups,
             enable_fp_fusion=True,  # contracted multiply-adds, stated: triton 3.9 warns when it is left implicit
+            # A register budget above what the kernel takes (at most 128): without one, the
+            # ptxas of triton 3.6 holds variants with calls into the IEEE slow paths at 96
+            # registers and spills; 128 exactly schedules the fp32 step with 2 more
+            # instructions per element (measured on triton 3.6 and 3.9).
+            maxnreg=160,
         )
 
 
 # torch.compile cannot trace fused_step (it reads data pointers to build the tables), so
 # compiled code calls it through this opaque custom op: one node in the graph, no graph break.
-# Its tables live here, one per bucket (device, dtype, first parameter's address, size).
-_COMPILED_TABLES: dict = {}
-
-
 @torch.library.custom_op("mergopt_triton::fused_step", mutates_args=step_args.MUTATED,
                          schema=step_args.op_schema(lr_tensor=True))
 def _fused_step_op(*values) -> None:
-    args = step_args.from_op_arguments(values, lr_tensor=True)
-    params = args.params
-    key = (params[0].device, params[0].dtype, params[0].data_ptr(), len(params),
-           tuple(g is None for g in args.grads))
-    fused_step(args, cache=_COMPILED_TABLES.setdefault(key, {}))
+    fused_step(step_args.from_op_arguments(values, lr_tensor=True))
 
 
 @_fused_step_op.register_fake

@@ -6,10 +6,11 @@ binder (``create_function_from_signature`` and ``JITFunction._pack_args``, the c
 runs), so signature, constexprs and specialisation attributes (pointer alignment, integer widths,
 ``do_not_specialize``) are exactly what a GPU launch would compile. Each variant then goes through
 ``triton.compile`` to a cubin for ``GPUTarget("cuda", arch, 32)``; registers, spills and the SASS
-come from the cubin with the ``cuobjdump`` that ships in the Triton wheel.
+come from the cubin with the ``cuobjdump`` that ships in the Triton wheel, and the PTX is checked
+for approximate division and square root outside the noise transform (``inexact_ops``).
 
-Needs real ``JITFunction`` objects: run it with ``TRITON_INTERPRET`` unset (``python -m
-mergopt_kernels.ops.triton_aot`` does; the tests run it in a subprocess).
+Needs real ``JITFunction`` objects: run it from the repository root with ``TRITON_INTERPRET``
+unset (``make aot-full`` does; the tests run ``python -m tools.triton_aot`` in a subprocess).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from .step_args import FusedStepArgs
+from mergopt_kernels.ops import triton_noise
+from mergopt_kernels.ops.step_args import FusedStepArgs
 
 ARCHES = (80, 90)
 
@@ -50,22 +52,28 @@ class Launch:
         return getattr(sys.modules[module], name)
 
 
-def record(kernel, launch: Callable[[], None], label: str) -> list[Launch]:
-    """The launches of ``kernel`` that ``launch()`` makes, without running the kernel."""
-    if not isinstance(kernel, triton.runtime.jit.JITFunction):
-        raise TypeError(f"record() needs a JITFunction (TRITON_INTERPRET unset), got {type(kernel).__name__}")
+def record(kernels, launch: Callable[[], None], label: str) -> list[Launch]:
+    """The launches of ``kernels`` (one JITFunction or a sequence) that ``launch()`` makes, in
+    order, without running them."""
+    kernels = list(kernels) if isinstance(kernels, (list, tuple)) else [kernels]
+    for kernel in kernels:
+        if not isinstance(kernel, triton.runtime.jit.JITFunction):
+            raise TypeError(f"record() needs JITFunctions (TRITON_INTERPRET unset), got {type(kernel).__name__}")
     seen: list[Launch] = []
-    name = f"{kernel.fn.__module__}:{kernel.fn.__name__}"
 
-    def recorder(*args, grid, warmup, **kwargs):
-        seen.append(Launch(name, tuple(_portable(a) for a in args), {k: _portable(v) for k, v in kwargs.items()},
-                           label))
+    def recorder(name):
+        def run(*args, grid, warmup, **kwargs):
+            seen.append(Launch(name, tuple(_portable(a) for a in args),
+                               {k: _portable(v) for k, v in kwargs.items()}, label))
+        return run
 
-    kernel.run = recorder
     try:
+        for kernel in kernels:
+            kernel.run = recorder(f"{kernel.fn.__module__}:{kernel.fn.__name__}")
         launch()
     finally:
-        del kernel.run
+        for kernel in kernels:
+            kernel.__dict__.pop("run", None)
     return seen
 
 
@@ -105,6 +113,7 @@ class Result:
     local_bytes: int = 0       # per-thread local memory: spills (and stack)
     shared_bytes: int = 0
     sass: str = ""
+    inexact: list = dataclasses.field(default_factory=list)   # inexact_ops of the PTX
     error: Optional[str] = None
 
     @property
@@ -125,6 +134,7 @@ def compile_launch(launch: Launch, arch: int, keep_sass: bool = False) -> Result
         result.error = f"{type(error).__name__}: {error}" + (f" (caused by {cause!r})" if cause is not error else "")
         return result
     result.shared_bytes = int(compiled.metadata.shared)
+    result.inexact = inexact_ops(compiled.asm["ptx"])
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")
         with open(cubin, "wb") as f:
@@ -135,6 +145,49 @@ def compile_launch(launch: Launch, arch: int, keep_sass: bool = False) -> Result
     result.local_bytes = int(re.search(r"STACK:(\d+)", usage).group(1)) + int(re.search(r"LOCAL:(\d+)", usage).group(1))
     result.sass = sass if keep_sass else "\n".join(l for l in sass.splitlines() if re.search(r"\b(?:STL|LDL)\b", l))
     return result
+
+
+# PTX division and square root that are not IEEE round-to-nearest (what `/`, tl.sqrt and
+# tl.rsqrt compile to; tl.div_rn and tl.sqrt_rn give div.rn and sqrt.rn).
+_INEXACT = re.compile(r"^\s*(?:@!?%\w+\s+)?((?:div\.(?:full|approx)|sqrt\.approx|rcp\.approx|rsqrt\.approx)\S*)")
+_LOC = re.compile(r"^\s*\.loc\s+(\d+)\s+(\d+)\s+\d+(?:.*inlined_at\s+(\d+)\s+\d+)?")
+_FILE = re.compile(r'^\s*\.file\s+(\d+)\s+"([^"]+)"', re.MULTILINE)
+
+
+def _is_noise_module(path: str) -> bool:
+    # By the path inside the package: Triton's cache hands out the PTX of the same source
+    # compiled from another checkout.
+    return os.path.normpath(path).endswith(os.path.join("", *triton_noise.__name__.split(".")) + ".py")
+
+
+def inexact_ops(ptx: str) -> list[str]:
+    """Approximate division and square root instructions of ``ptx`` outside the noise
+    transform, as "opcode at file:line" (the source line from the PTX's ``.loc`` directives).
+
+    The noise transform (``ops/triton_noise.py``: an instruction located there, or inlined from
+    there) may use them: its error bound against float64 is measured with them
+    (``python_tests/test_noise.py``). Everything else, the AdamW update first, divides and takes
+    square roots as torch's fused AdamW does, rounded to nearest. An instruction without a
+    location (Triton compiled without line information: TRITON_DISABLE_LINE_INFO) is reported.
+    """
+    files = dict(_FILE.findall(ptx))
+    location = None
+    found = []
+    for line in ptx.splitlines():
+        loc = _LOC.match(line)
+        if loc:
+            location = loc.groups()
+            continue
+        op = _INEXACT.match(line)
+        if op is None:
+            continue
+        if location is None:
+            found.append(f"{op.group(1)} at an unknown line (PTX without line information)")
+            continue
+        file_id, source_line, caller_id = location
+        if not any(_is_noise_module(files.get(i, "")) for i in (file_id, caller_id) if i):
+            found.append(f"{op.group(1)} at {os.path.basename(files.get(file_id, '?'))}:{source_line}")
+    return found
 
 
 def _cuobjdump(flag: str, cubin: str) -> str:
@@ -189,7 +242,7 @@ def _step_label(options: dict) -> str:
 
 def step_launches(options: dict) -> list[Launch]:
     """Record ``triton_step.fused_step`` on small CPU tensors with these STEP_OPTIONS values."""
-    from . import triton_step
+    from mergopt_kernels.ops import triton_step
 
     full = {k: v[0] for k, v in STEP_OPTIONS.items()} | options
     dtype, amsgrad = full["dtype"], full["amsgrad"]
@@ -211,7 +264,7 @@ def step_launches(options: dict) -> list[Launch]:
             noise_scale=5e-4 if noisy else 0.0, alphas=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6), k_max=7,
             distribution=full["noise"] if noisy else "laplace", restore=restore, apply_offset=apply_offset))
 
-    return record(triton_step._fused_step_kernel, launch, _step_label(options))
+    return record((triton_step._step_scales_kernel, triton_step._fused_step_kernel), launch, _step_label(options))
 
 
 def all_step_options() -> Iterator[dict]:
@@ -235,7 +288,7 @@ def unique(launches: list[Launch], arches=ARCHES) -> list[tuple[Launch, int]]:
 
 def test_kernel_launches() -> list[Launch]:
     """The launches of the test kernels in python_tests/test_noise.py (imported from there)."""
-    tests_dir = os.path.join(os.path.dirname(__file__), "..", "..", "python_tests")
+    tests_dir = os.path.join(os.path.dirname(__file__), "..", "python_tests")
     if tests_dir not in sys.path:
         sys.path.insert(0, tests_dir)
     import test_noise
@@ -276,7 +329,7 @@ def one_option_at_a_time() -> list[Launch]:
 
 def main(argv=None) -> int:
     """Compile the CI subset or the full set; print one line per variant; exit 1 on any compile
-    error or spill, or when the CI subset misses a parameter type or constexpr value that some
+    error, spill or approximate division or square root outside the noise (``inexact_ops``), or when the CI subset misses a parameter type or constexpr value that some
     single launcher option produces."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--set", choices=("ci", "full"), default="ci")
@@ -297,9 +350,12 @@ def main(argv=None) -> int:
     pairs = unique(launches)
     results = compile_all(pairs, args.workers)
     for r in results:
-        bad = r.error is not None or r.local_bytes > 0 or r.spills > 0
+        bad = r.error is not None or r.local_bytes > 0 or r.spills > 0 or bool(r.inexact)
         failures += bad
-        status = r.error or f"{r.registers} registers, {r.local_bytes} B local, {r.spills} spill instructions"
+        status = r.error or (f"{r.registers} registers, {r.local_bytes} B local, {r.spills} spill instructions, "
+                             f"{len(r.inexact)} approximate div/sqrt outside the noise")
+        if r.inexact:
+            status += ": " + ", ".join(sorted(set(r.inexact)))
         print(f"{'FAIL' if bad else 'ok  '} sm_{r.arch} {r.label}: {status}", flush=True)
     print(f"{len(results)} variants compiled (triton {triton.__version__}), {failures} failures")
     if args.json:
