@@ -12,7 +12,7 @@ import torch
 from mergopt_kernels import merging
 from mergopt_kernels.__main__ import main
 from mergopt_kernels.merge_cli import options_from_config
-from mergopt_kernels.merge_io import SafetensorsSource, merge_checkpoints
+from mergopt_kernels.merge_io import INDEX_NAME, SafetensorsSource, merge_checkpoints
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 from safetensors import safe_open  # noqa: E402
@@ -307,12 +307,11 @@ def test_dtype_mismatch_is_refused_or_promoted(tmp_path):
     assert_equal_state(merged, merging.task_arithmetic(base_sd, expert_sds, promote_dtypes=True))
 
 
-def test_failed_merge_leaves_no_output_folder(tmp_path):
-    """An expert file truncated after its header fails mid-merge, after the first tensors are written."""
+def test_truncated_file_is_refused_before_writing(tmp_path):
     base, experts, _, _ = write_models(tmp_path, 4)
     data = experts[1].read_bytes()
     experts[1].write_bytes(data[:-40])
-    with pytest.raises(ValueError, match="truncated"):
+    with pytest.raises(ValueError, match=r"experts\[1\]: .*model2.safetensors is not a valid safetensors file"):
         merge_checkpoints("task_arithmetic", base, experts, tmp_path / "out", max_shard_size=1)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
@@ -366,3 +365,113 @@ def test_readme_merge_snippet(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(snippet("merge"), "<snippet merge>", "exec"), {})
     assert_equal_state(read_folder(tmp_path / "merged"), merging.ties_merging(base_sd, expert_sds, 0.3, 0.2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Untrusted files: hostile headers and indexes, shard paths leaving the model folder
+# ---------------------------------------------------------------------------------------------
+
+def write_raw_safetensors(path: Path, header: dict, data: bytes) -> Path:
+    """A .safetensors file with exactly this header and data (no checks: hostile files)."""
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+    return path
+
+
+def run_merge_cli(args, capsys) -> tuple[int, str]:
+    """(exit code, stderr) of ``merge`` with ``args``."""
+    try:
+        code = main(["merge", *map(str, args), "--no-progress"])
+    except SystemExit as exit_info:
+        code = exit_info.code
+    return code, capsys.readouterr().err
+
+
+F32_2 = {"dtype": "F32", "shape": [2]}
+HOSTILE_HEADERS = {
+    "negative offset": ({"w": {**F32_2, "data_offsets": [-8, 0]}}, 8, "expected usize"),
+    "overlapping offsets": ({"w": {**F32_2, "data_offsets": [0, 8]}, "v": {**F32_2, "data_offsets": [4, 12]}}, 12,
+                            "invalid offset"),
+    "span is not shape x itemsize": ({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, 8,
+                                     "invalid shape, data type, or offset"),
+    "missing dtype": ({"w": {"shape": [2], "data_offsets": [0, 8]}}, 8, "missing field `dtype`"),
+    "data beyond the file": ({"w": {**F32_2, "data_offsets": [0, 8]}}, 4, "not fully covered"),
+    "huge offsets": ({"w": {**F32_2, "data_offsets": [10**16, 10**16 + 8]}}, 8, "invalid offset"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_HEADERS))
+def test_hostile_header_exits_2_naming_the_file(case, tmp_path, capsys):
+    header, size, reason = HOSTILE_HEADERS[case]
+    base = tmp_path / "base.safetensors"
+    safetensors_torch.save_file({"w": torch.zeros(2)}, base)
+    bad = write_raw_safetensors(tmp_path / "bad.safetensors", header, bytes(size))
+    code, err = run_merge_cli(["--method", "task_arithmetic", "--base", base, "--experts", bad,
+                               "--out", tmp_path / "out"], capsys)
+    assert code == 2, err
+    assert f"experts[0]: {bad} is not a valid safetensors file" in err and reason in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def sharded_expert(folder: Path, weight_map: dict) -> Path:
+    """A model folder with two tensors in one shard and an index ``{"weight_map": weight_map}``."""
+    folder.mkdir()
+    safetensors_torch.save_file({"w": torch.ones(2), "v": torch.ones(3)}, folder / "part-1.safetensors")
+    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def test_index_without_weight_map_exits_2(tmp_path, capsys):
+    folder = sharded_expert(tmp_path / "expert", {})
+    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": 20}}))
+    code, err = run_merge_cli(["--method", "weight_average", "--experts", folder, "--out", tmp_path / "out"], capsys)
+    assert code == 2 and f"experts[0]: {folder / INDEX_NAME} has no weight_map" in err and "Traceback" not in err
+    (folder / INDEX_NAME).write_text(json.dumps({"weight_map": {"w": 3}}))
+    code, err = run_merge_cli(["--method", "weight_average", "--experts", folder, "--out", tmp_path / "out"], capsys)
+    assert code == 2 and "weight_map['w'] must be a shard file name, got 3" in err
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "sub/../../outside.safetensors", "ABSOLUTE",
+                                   "link.safetensors", "passwd.safetensors"])
+def test_shard_outside_the_model_folder_is_refused(shard, tmp_path, capsys):
+    outside = tmp_path / "outside.safetensors"
+    safetensors_torch.save_file({"v": torch.full((3,), 1e16)}, outside)
+    folder = tmp_path / "models" / "expert"
+    folder.parent.mkdir()
+    name = str(outside) if shard == "ABSOLUTE" else shard
+    sharded_expert(folder, {"w": "part-1.safetensors", "v": name})
+    (folder / "link.safetensors").symlink_to(outside)
+    (folder / "passwd.safetensors").symlink_to("/etc/passwd")
+    (tmp_path / "models" / "outside.safetensors").write_bytes(outside.read_bytes())
+    code, err = run_merge_cli(["--method", "weight_average", "--experts", folder, "--out", tmp_path / "out"], capsys)
+    assert code == 2, err
+    assert f"experts[0]: {folder / INDEX_NAME}: weight_map['v'] is {name!r}" in err
+    assert ("symlink that leaves the model folder" if shard.startswith(("link", "passwd")) else
+            "absolute paths and '..' are refused") in err
+    assert "Traceback" not in err and "header" not in err and not (tmp_path / "out").exists()
+
+
+def test_text_file_as_shard_is_not_a_valid_safetensors_file(tmp_path, capsys):
+    folder = sharded_expert(tmp_path / "expert", {"w": "part-1.safetensors", "v": "notes.safetensors"})
+    (folder / "notes.safetensors").write_text("root:x:0:0:root:/root:/bin/bash\n" * 4)
+    code, err = run_merge_cli(["--method", "weight_average", "--experts", folder, "--out", tmp_path / "out"], capsys)
+    assert code == 2 and f"{folder / 'notes.safetensors'} is not a valid safetensors file" in err
+    assert "Traceback" not in err
+
+
+def test_hub_cache_snapshot_links_into_its_blobs_are_read(tmp_path):
+    """A Hugging Face hub cache snapshot: its files are symlinks into the repository's blobs/."""
+    repo = tmp_path / "models--org--expert"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    state = {"w": torch.randn(5), "v": torch.randn(2, 3)}
+    safetensors_torch.save_file(state, repo / "blobs" / "f00d")
+    (snapshot / "model.safetensors").symlink_to("../../blobs/f00d")
+    out = merge_checkpoints("weight_average", None, [snapshot], tmp_path / "out")
+    assert_equal_state(read_folder(out), state)
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "model.safetensors").symlink_to(repo / "blobs" / "f00d")
+    with pytest.raises(ValueError, match="a symlink that leaves the model folder"):
+        merge_checkpoints("weight_average", None, [tmp_path / "plain"], tmp_path / "out2")
