@@ -33,6 +33,7 @@ from pathlib import Path, PurePosixPath
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .merge_config import MergeConfig
 from .merge_plan import Entry, plan_entries
 from .merging import Progress, merge_spec, merge_tensors
 
@@ -258,24 +259,25 @@ def _prepare_out(out: Path) -> None:
         raise FileNotFoundError(f"out: the parent folder {out.parent} does not exist")
 
 
-def merge_checkpoints(method: str, base, experts: Sequence, out, *, keys: str = "strict",
-                      non_float: str = "error", promote_dtypes: bool = False,
-                      max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, progress: Progress | None = None,
-                      **options) -> Path:
+def merge_checkpoints(method: str, base, experts: Sequence, out, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+                      progress: Progress | None = None, **options) -> Path:
     """Merge checkpoints on disk into a new HF model folder ``out``.
 
+    The same as ``merge_from_config(MergeConfig.from_options(method, base, experts, **options), out)``.
+
     Args:
-        method: ``"weight_average"``, ``"task_arithmetic"``, ``"ties"`` or ``"dare"``.
+        method: ``"weight_average"``, ``"task_arithmetic"``, ``"ties"`` or ``"dare"`` (or a
+            mergekit name: ``linear``, ``dare_linear``, ``dare_ties``).
         base: path of the base checkpoint (folder or ``.safetensors`` file); for a weight
             average it may be ``None`` (config and tokenizer then come from ``experts[0]``).
         experts: K >= 1 paths of expert checkpoints.
         out: the output folder; it must not exist or be empty.
-        keys / non_float / promote_dtypes: input policies (``merge_plan``).
         max_shard_size: bytes of tensor data per output shard.
         progress: ``progress(items, description, total)`` around each pass over the tensors.
         **options: the merge options of ``merging.merge_spec`` (``scaling``, ``weights``,
             ``density``, ``per_tensor``, ``exact_count``, ``merge_func``, ``drop_rate``, ``seed``,
-            ``rescale``, ``ties``).
+            ``rescale``, ``ties``) and the input policies ``keys``, ``non_float``,
+            ``promote_dtypes`` (``merge_plan``).
     Returns:
         The output folder. The tensors equal those of the ``merging`` function on the same
         tensors, bit for bit.
@@ -283,14 +285,27 @@ def merge_checkpoints(method: str, base, experts: Sequence, out, *, keys: str = 
         ValueError / TypeError / FileNotFoundError / FileExistsError naming the argument, before
         anything is written; errors during the merge remove everything written.
     """
-    if isinstance(experts, (str, os.PathLike)) or not experts:
-        raise ValueError("experts must be a non-empty list of checkpoint paths")
+    config = MergeConfig.from_options(method, base, experts, **options)
+    return merge_from_config(config, out, max_shard_size=max_shard_size, progress=progress)
+
+
+def merge_from_config(config: MergeConfig, out, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+                      progress: Progress | None = None) -> Path:
+    """Run the merge ``config`` describes (``merge_config.MergeConfig``) into a new HF model folder ``out``.
+
+    Every input is opened and checked (headers, keys, shapes, dtypes, options) before the
+    output is created. See ``merge_checkpoints`` for ``out``, ``max_shard_size``, ``progress``,
+    the result and the errors.
+    """
+    method, base, experts, options = config.resolve()
+    plan_options = dict(key_policy=options.pop("keys", "strict"), non_float=options.pop("non_float", "error"),
+                        promote_dtypes=options.pop("promote_dtypes", False))
     expert_sources = [SafetensorsSource(path, f"experts[{i}]") for i, path in enumerate(experts)]
     spec = merge_spec(method, len(expert_sources), **options)
     if base is None and spec.needs_base:
         raise ValueError(f"base is required for {method}")
     base_source = SafetensorsSource(base, "base") if base is not None else None
-    entries = plan_entries(base_source if spec.needs_base else None, expert_sources, keys, non_float, promote_dtypes)
+    entries = plan_entries(base_source if spec.needs_base else None, expert_sources, **plan_options)
     if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int) or max_shard_size < 1:
         raise ValueError(f"max_shard_size must be a positive number of bytes, got {max_shard_size!r}")
     out = Path(out)

@@ -12,7 +12,8 @@ import torch
 from mergopt_kernels import merging
 from mergopt_kernels.__main__ import main
 from mergopt_kernels.merge_cli import options_from_config
-from mergopt_kernels.merge_io import INDEX_NAME, SafetensorsSource, merge_checkpoints
+from mergopt_kernels.merge_config import MergeConfig
+from mergopt_kernels.merge_io import INDEX_NAME, SafetensorsSource, merge_checkpoints, merge_from_config
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 from safetensors import safe_open  # noqa: E402
@@ -243,18 +244,70 @@ def test_config_mergekit_conventions_map_to_options(tmp_path):
 
 
 @pytest.mark.parametrize("config, match", [
-    ({"merge_method": "slerp", "models": [{"model": "x"}]}, "merge_method must be one of"),
-    ({"merge_method": "ties", "models": []}, "models must be a non-empty list"),
-    ({"merge_method": "ties", "models": [{"model": "x"}], "dtype": "bfloat16"}, r"unknown keys \['dtype'\]"),
-    ({"merge_method": "ties", "models": [{"model": "x"}], "parameters": {"gamma": 1}}, r"unknown parameters"),
+    ({"merge_method": "slerp", "models": [{"model": "x"}]}, r"merge_method: Input should be 'weight_average'"),
+    ({"merge_method": "ties", "models": []}, r"models: List should have at least 1 item"),
+    ({"merge_method": "ties", "models": [{"model": "x"}], "dtype": "bfloat16"}, r"dtype: Extra inputs are not permitted"),
+    ({"merge_method": "ties", "models": [{"model": "x"}], "parameters": {"gamma": 1}},
+     r"parameters.gamma: Extra inputs are not permitted"),
     ({"merge_method": "ties", "models": [{"model": "x", "parameters": {"density": 0.2}}, {"model": "y"}]},
-     "density is set for some models only"),
-    ({"merge_method": "ties", "conventions": "fusion", "models": [{"model": "x"}]}, "conventions must be"),
+     r"models\[1\].parameters.density is not set: density is set for some models only"),
+    ({"merge_method": "ties", "conventions": "fusion", "models": [{"model": "x"}]},
+     r"conventions: Input should be 'paper' or 'mergekit'"),
+    ({"merge_method": ["ties"], "models": [{"model": "x"}]}, r"merge_method: Input should be .* \(got \['ties'\]\)"),
+    ({"merge_method": "ties", "base_model": 123, "models": [{"model": "x"}]},
+     r"base_model: Input should be a valid string \(got 123\)"),
+    ({"merge_method": "ties", "models": [{"model": None}]}, r"models\[0\].model: Input should be a valid string"),
+    ({"merge_method": "ties", "models": [{"model": "x"}], "parameters": [1, 2]},
+     r"parameters: Input should be a valid dictionary"),
+    ({"merge_method": "ties", "models": [{"model": "x"}], "parameters": "abc"},
+     r"parameters: Input should be a valid dictionary .* \(got 'abc'\)"),
+    ({"merge_method": "ties", "models": [{"model": "x", "parameters": {"weight": "heavy"}}]},
+     r"models\[0\].parameters.weight: Input should be a valid number"),
+    ({"merge_method": "ties", "models": [{"model": "x"}], "parameters": {"seed": -1}}, r"parameters.seed: .*>= 0|"
+     r"parameters.seed: Input should be greater than or equal to 0"),
+    ({"merge_method": "ties", "models": [{"model": "x"}], "parameters": {"lambda": 1, "scaling": 2}},
+     r"give lambda or scaling, not both"),
+    ([{"merge_method": "ties"}], r"the top level: Input should be a valid dictionary"),
 ])
-def test_config_errors(config, match, tmp_path):
+def test_config_errors(config, match, tmp_path, capsys):
     (tmp_path / "c.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=match):
         options_from_config(tmp_path / "c.json")
+    code, err = run_merge_cli(["--config", tmp_path / "c.json", "--out", tmp_path / "out"], capsys)
+    assert code == 2 and f"config {tmp_path / 'c.json'}: " in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("text", ["merge_method: ties\nmodels: [{model: x}\n", "merge_method: ties\n  - a: b: c\n",
+                                  "\tmerge_method: ties\n"])
+def test_malformed_yaml_exits_2(text, tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text(text)
+    code, err = run_merge_cli(["--config", tmp_path / "c.yaml", "--out", tmp_path / "out"], capsys)
+    assert code == 2 and f"config {tmp_path / 'c.yaml'}: not valid YAML" in err and "Traceback" not in err
+
+
+def test_config_coerces_switches_as_mergekit_does(tmp_path):
+    """mergekit's pydantic config reads 'false' (quoted), 'no', 'off' and 0 as False, 'true' and 1 as True."""
+    for text, expected in [("'false'", False), ("'no'", False), ("'off'", False), ("0", False), ("'true'", True),
+                           ("1", True)]:
+        (tmp_path / "c.yaml").write_text(f"merge_method: ties\nbase_model: b\nmodels: [{{model: x}}]\n"
+                                         f"parameters: {{normalize: {text}, per_tensor: {text}, density: '0.5'}}\n")
+        _, _, _, options = options_from_config(tmp_path / "c.yaml")
+        assert options == dict(merge_func="mean" if expected else "sum", per_tensor=expected, density=0.5), text
+
+
+def test_python_api_takes_the_config_object(tmp_path):
+    """MergeConfig built in Python (keyword arguments), conventions: mergekit, gives mergekit's TIES defaults."""
+    seed = torch.seed() % 2**31
+    base, experts, base_sd, expert_sds = write_models(tmp_path, seed)
+    config = MergeConfig(merge_method="ties", conventions="mergekit", base_model=str(base),
+                         models=[{"model": str(path), "parameters": {"weight": 0.5, "density": 0.5}}
+                                 for path in experts])
+    out = merge_from_config(config, tmp_path / "out")
+    expected = merging.ties_merging(base_sd, expert_sds, 1.0, 0.5, True, weights=[0.5] * 3, merge_func="mean")
+    assert_equal_state(read_folder(out), expected), f"seed {seed}"
+    assert MergeConfig.from_options("ties", base, experts, density=0.5, per_tensor=True, scaling=1.0,
+                                    weights=[0.5] * 3).resolve()[3] == dict(
+        density=0.5, per_tensor=True, scaling=1.0, weights=[0.5] * 3)
 
 
 # ---------------------------------------------------------------------------------------------
