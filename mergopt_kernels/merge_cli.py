@@ -26,6 +26,7 @@ The config file (YAML or JSON) has mergekit's layout, for the methods both packa
       keys: strict                # strict | intersection | union
       non_float: error            # error | base
       promote_dtypes: false
+      allow_non_finite: false     # true: merge NaN/Inf inputs, write non-finite results
 
 ``conventions: mergekit`` makes unset options mergekit 0.1.5's: ``lambda`` 1, per-tensor trim,
 ``density`` 1, ``normalize`` true for ``ties`` and false for ``dare_ties``, DARE ``rescale``
@@ -90,6 +91,9 @@ def add_merge_parser(commands) -> argparse.ArgumentParser:
     merge.add_argument("--non-float", choices=NON_FLOAT_POLICIES,
                        help="non-float entries that differ (default error; base takes the base's)")
     merge.add_argument("--promote-dtypes", action="store_true", help="merge differing float dtypes, promoted")
+    merge.add_argument("--allow-non-finite", action="store_true",
+                       help="merge inputs holding NaN/Inf and write non-finite results (default: exit 2 naming "
+                            "the model and tensor)")
     merge.add_argument("--max-shard-size", type=_size, default=DEFAULT_MAX_SHARD_SIZE,
                        help="bytes per output shard (default 5GB)")
     merge.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -97,7 +101,7 @@ def add_merge_parser(commands) -> argparse.ArgumentParser:
 
 
 _FLAG_OPTIONS = ("scaling", "weights", "density", "drop_rate", "seed", "merge_func", "rescale", "keys", "non_float")
-_SWITCH_OPTIONS = ("per_tensor", "exact_count", "ties", "promote_dtypes")
+_SWITCH_OPTIONS = ("per_tensor", "exact_count", "ties", "promote_dtypes", "allow_non_finite")
 
 
 def _config_from_args(args: argparse.Namespace, parser) -> MergeConfig:

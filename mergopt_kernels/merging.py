@@ -61,6 +61,19 @@ DARE (``dare``)
     ``rescale: true``) scales each expert's tensor so its L1 norm is that before the drop (left
     as is when either norm is below 1e-7), ``"none"`` keeps them. Then task arithmetic, or with
     ``ties=True`` TIES-Merging of the rescaled vectors (FusionBench's DARE-TIES).
+
+Non-finite values
+    By default a NaN or Inf in an input's float entry, or a merged value that overflows its
+    dtype, raises ``ValueError`` naming the input and the key (``experts[1]['w'] holds a
+    non-finite value``). Inputs are checked chunk by chunk as the task vectors (or, for a weight
+    average, the experts' values) are made, outputs as each chunk is written: no extra pass
+    over the tensors. With ``allow_non_finite=True`` the merge goes on and each method does what
+    its arithmetic does: weight averaging, task arithmetic and DARE with ``rescale="inverse"``
+    or ``"none"`` carry a NaN or Inf into its own element only (DARE drops it where the mask
+    drops that entry); DARE with ``rescale="l1"`` makes the whole tensor of that expert
+    non-finite when it holds an Inf (its L1 norm is infinite); TIES drops NaN entries (a NaN
+    magnitude is never above the threshold) and keeps an Inf as the largest magnitude, so that
+    element becomes +-Inf (NaN where +Inf and -Inf agree with no elected sign).
 """
 
 from __future__ import annotations
@@ -145,6 +158,7 @@ class MergeSpec:
     seed: int
     rescale: str
     ties: bool
+    allow_non_finite: bool = False
 
     @property
     def uses_ties(self) -> bool:
@@ -160,7 +174,7 @@ class MergeSpec:
 def merge_spec(method: str, num_experts: int, *, scaling: float = 0.3, weights: Sequence[float] | None = None,
                density: float | Sequence[float] = 0.2, per_tensor: bool = False, exact_count: bool = False,
                merge_func: str = "mean", drop_rate: float | Sequence[float] = 0.5, seed: int = 0,
-               rescale: str = "inverse", ties: bool = False) -> MergeSpec:
+               rescale: str = "inverse", ties: bool = False, allow_non_finite: bool = False) -> MergeSpec:
     """Check merge options and return a ``MergeSpec`` (see the module docstring for each option).
 
     Args:
@@ -174,6 +188,8 @@ def merge_spec(method: str, num_experts: int, *, scaling: float = 0.3, weights: 
         seed: DARE mask seed, an integer in [0, 2**64).
         rescale: DARE rescale of kept entries, ``"inverse"``, ``"l1"`` or ``"none"``.
         ties: DARE followed by TIES instead of task arithmetic.
+        allow_non_finite: merge inputs holding NaN or Inf, and write non-finite results,
+            instead of raising (module docstring, "Non-finite values").
     Raises:
         TypeError / ValueError naming the argument.
     """
@@ -193,7 +209,7 @@ def merge_spec(method: str, num_experts: int, *, scaling: float = 0.3, weights: 
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
     return MergeSpec(method, num_experts, scaling, weights, density, bool(per_tensor), bool(exact_count),
                      _choice("merge_func", merge_func, MERGE_FUNCS), drop_rate, int(seed),
-                     _choice("rescale", rescale, RESCALES), bool(ties))
+                     _choice("rescale", rescale, RESCALES), bool(ties), bool(allow_non_finite))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,6 +263,7 @@ class _TaskVectors:
 
     def __init__(self, entry: Entry, base: TensorSource | None, experts: Sequence[TensorSource], spec: MergeSpec):
         self.entry, self.spec = entry, spec
+        self.names = ([base.name] if base is not None else []) + [source.name for source in experts]
         self.base = base.load(entry.key).reshape(-1) if base is not None else None
         self.experts = _stack(entry, experts, self.base.device if self.base is not None else None)
         device = self.experts.device
@@ -265,11 +282,21 @@ class _TaskVectors:
             self.l1_scale = torch.where((before >= L1_EPS) & (after >= L1_EPS), before / after,
                                         torch.ones((), dtype=before.dtype, device=device))[:, None]
 
+    def _check_finite(self, values: torch.Tensor, part: slice) -> None:
+        """Raise naming the input and key when ``values`` (computed from columns ``part``) is not finite."""
+        if self.spec.allow_non_finite or bool(torch.isfinite(values).all()):
+            return
+        inputs = ([self.base[part][None]] if self.base is not None else []) + list(self.experts[:, part][:, None])
+        name = next(name for name, x in zip(self.names, inputs) if not bool(torch.isfinite(x).all()))
+        raise ValueError(f"{name}[{self.entry.key!r}] holds a non-finite value (NaN or Inf); the merge stops "
+                         f"(allow_non_finite=True, --allow-non-finite, merges it anyway)")
+
     def _task_vectors(self, part: slice) -> tuple[torch.Tensor, torch.Tensor]:
         ref = self.base[part].to(self.entry.compute_dtype)
         tau = self.experts[:, part].to(self.entry.compute_dtype) - ref
         if self.present is not None:
             tau = torch.where(self.present, tau, torch.zeros((), dtype=tau.dtype, device=tau.device))
+        self._check_finite(tau, part)
         return ref, tau
 
     def _drop(self, tau: torch.Tensor, part: slice) -> torch.Tensor:
@@ -292,7 +319,17 @@ class _TaskVectors:
 
     def raw_chunk(self, part: slice) -> torch.Tensor:
         """The experts' values ``[K, m]`` of columns ``part`` in the compute dtype."""
-        return self.experts[:, part].to(self.entry.compute_dtype)
+        values = self.experts[:, part].to(self.entry.compute_dtype)
+        self._check_finite(values, part)
+        return values
+
+
+def _check_output(spec: MergeSpec, entry: Entry, values: torch.Tensor) -> None:
+    """Raise naming the key when merged ``values`` (finite inputs) overflowed to Inf or NaN."""
+    if not spec.allow_non_finite and not bool(torch.isfinite(values).all()):
+        raise ValueError(f"the merged {entry.key!r} is not finite: it overflows {entry.dtype} (scaling "
+                         f"{spec.scaling}, weights {list(spec.weights) if spec.weights else 'all 1'}); the merge stops "
+                         f"(allow_non_finite=True, --allow-non-finite, writes it anyway)")
 
 
 def _column(weights: Sequence[float], like: torch.Tensor) -> torch.Tensor:
@@ -310,6 +347,7 @@ def _average(entry: Entry, experts: Sequence[TensorSource], spec: MergeSpec) -> 
     for part in _chunks(entry.numel):
         chunk = values.raw_chunk(part)
         out[part] = chunk.mean(0) if plain else (_column(w, chunk) * chunk).sum(0) / sum(w)
+        _check_output(spec, entry, out[part])
     return out.view(entry.shape)
 
 
@@ -324,6 +362,7 @@ def _linear(entry: Entry, base: TensorSource, experts: Sequence[TensorSource], s
     for part in _chunks(entry.numel):
         ref, tau = vectors.chunk(part)
         out[part] = ref + (_column(coefficients, tau) * tau).sum(0)
+        _check_output(spec, entry, out[part])
     return out.view(entry.shape)
 
 
@@ -489,6 +528,7 @@ def _ties_entries(spec: MergeSpec, base: TensorSource, experts: Sequence[TensorS
         out = torch.empty(entry.numel, dtype=entry.dtype, device=entry_vectors.experts.device)
         for part, ref, trimmed, sign in _ties_chunks(trim, spec, entry, entry_vectors):
             out[part] = ref + spec.scaling * _ties_merge(trimmed, sign, majority, spec)
+            _check_output(spec, entry, out[part])
         del entry_vectors
         yield entry, out.view(entry.shape)
 
@@ -588,17 +628,21 @@ def _linear_merge(base: StateDict, experts: Sequence[StateDict], coefficients: S
 
 _INPUT_DOC = """keys: ``"strict"`` (default; mismatched keys raise), ``"intersection"`` or ``"union"``.
         non_float: ``"error"`` (default; non-float entries that differ raise) or ``"base"``.
-        promote_dtypes: merge entries whose float dtypes differ in the promoted dtype."""
+        promote_dtypes: merge entries whose float dtypes differ in the promoted dtype.
+        allow_non_finite: merge inputs holding NaN or Inf and return non-finite results instead
+            of raising (module docstring, "Non-finite values")."""
 
 
 def weight_average(experts: Sequence[StateDict], weights: Sequence[float] | None = None, *, keys: str = "strict",
-                   non_float: str = "error", promote_dtypes: bool = False) -> dict[str, torch.Tensor]:
+                   non_float: str = "error", promote_dtypes: bool = False,
+                   allow_non_finite: bool = False) -> dict[str, torch.Tensor]:
     """Elementwise mean of the experts' weights (mergekit ``linear``; FusionBench simple average).
 
     Args:
         experts: K >= 1 state dicts with the same keys, and per key the same shape and dtype.
         weights: ``None`` for the plain mean, or K reals: ``sum_i w_i x_i / sum_i w_i``.
-        {inputs} ``"base"`` takes ``experts[0]``'s.
+        {inputs}
+        (``non_float="base"`` takes ``experts[0]``'s here.)
     Returns:
         A new state dict in ``experts[0]``'s key order: each float entry the mean (computed in
         fp32, fp64 for fp64 entries, cast back to the entry's dtype); non-float entries copied.
@@ -606,12 +650,13 @@ def weight_average(experts: Sequence[StateDict], weights: Sequence[float] | None
         TypeError / ValueError: ``experts`` empty or not a sequence of state dicts; mismatched keys,
         shapes, dtypes or non-float entries; bad weights.
     """
-    return _merge_state_dicts("weight_average", None, experts, keys, non_float, promote_dtypes, weights=weights)
+    return _merge_state_dicts("weight_average", None, experts, keys, non_float, promote_dtypes, weights=weights,
+                              allow_non_finite=allow_non_finite)
 
 
 def task_arithmetic(base: StateDict, experts: Sequence[StateDict], scaling: float = 0.3,
                     weights: Sequence[float] | None = None, *, keys: str = "strict", non_float: str = "error",
-                    promote_dtypes: bool = False) -> dict[str, torch.Tensor]:
+                    promote_dtypes: bool = False, allow_non_finite: bool = False) -> dict[str, torch.Tensor]:
     """Task arithmetic: ``base + scaling * sum_i w_i (experts[i] - base)``.
 
     mergekit ``task_arithmetic`` with ``lambda = scaling`` (its default lambda is 1, ours 0.3).
@@ -630,13 +675,14 @@ def task_arithmetic(base: StateDict, experts: Sequence[StateDict], scaling: floa
         non-finite scaling or weights.
     """
     return _merge_state_dicts("task_arithmetic", base, experts, keys, non_float, promote_dtypes,
-                              scaling=scaling, weights=weights)
+                              scaling=scaling, weights=weights, allow_non_finite=allow_non_finite)
 
 
 def ties_merging(base: StateDict, experts: Sequence[StateDict], scaling: float = 0.3,
                  density: float | Sequence[float] = 0.2, per_tensor: bool = False, *,
                  weights: Sequence[float] | None = None, exact_count: bool = False, merge_func: str = "mean",
-                 keys: str = "strict", non_float: str = "error", promote_dtypes: bool = False) -> dict[str, torch.Tensor]:
+                 keys: str = "strict", non_float: str = "error", promote_dtypes: bool = False,
+                 allow_non_finite: bool = False) -> dict[str, torch.Tensor]:
     """TIES-Merging: trim each task vector to its top-``density`` magnitudes, elect signs, disjoint mean.
 
     See the module docstring for the exact trim, sign-election and tie rules. FusionBench's TIES
@@ -662,14 +708,14 @@ def ties_merging(base: StateDict, experts: Sequence[StateDict], scaling: float =
     """
     return _merge_state_dicts("ties", base, experts, keys, non_float, promote_dtypes, scaling=scaling,
                               density=density, per_tensor=per_tensor, weights=weights, exact_count=exact_count,
-                              merge_func=merge_func)
+                              merge_func=merge_func, allow_non_finite=allow_non_finite)
 
 
 def dare(base: StateDict, experts: Sequence[StateDict], scaling: float = 0.3,
          drop_rate: float | Sequence[float] = 0.5, seed: int = 0, ties: bool = False,
          density: float | Sequence[float] = 0.2, *, weights: Sequence[float] | None = None, rescale: str = "inverse",
          per_tensor: bool = False, exact_count: bool = False, merge_func: str = "mean", keys: str = "strict",
-         non_float: str = "error", promote_dtypes: bool = False) -> dict[str, torch.Tensor]:
+         non_float: str = "error", promote_dtypes: bool = False, allow_non_finite: bool = False) -> dict[str, torch.Tensor]:
     """DARE: randomly drop task-vector entries, rescale the rest, then merge.
 
     mergekit's ``dare_linear`` is ``rescale="l1", scaling=1`` with ``drop_rate = 1 - density``;
@@ -697,7 +743,8 @@ def dare(base: StateDict, experts: Sequence[StateDict], scaling: float = 0.3,
     """
     return _merge_state_dicts("dare", base, experts, keys, non_float, promote_dtypes, scaling=scaling,
                               drop_rate=drop_rate, seed=seed, ties=ties, density=density, weights=weights,
-                              rescale=rescale, per_tensor=per_tensor, exact_count=exact_count, merge_func=merge_func)
+                              rescale=rescale, per_tensor=per_tensor, exact_count=exact_count, merge_func=merge_func,
+                              allow_non_finite=allow_non_finite)
 
 
 for _function in (weight_average, task_arithmetic, ties_merging, dare):

@@ -528,3 +528,67 @@ def test_hub_cache_snapshot_links_into_its_blobs_are_read(tmp_path):
     (tmp_path / "plain" / "model.safetensors").symlink_to(repo / "blobs" / "f00d")
     with pytest.raises(ValueError, match="a symlink that leaves the model folder"):
         merge_checkpoints("weight_average", None, [tmp_path / "plain"], tmp_path / "out2")
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite values stop the merge, naming the model and the tensor, unless allowed
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method, options", [("weight_average", []), ("task_arithmetic", []), ("ties", []),
+                                             ("dare", ["--rescale", "l1"]), ("dare", ["--ties"])])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_exits_2_naming_model_and_tensor(method, options, bad, tmp_path, capsys):
+    def poison(models):
+        models[2]["head.weight"][3, 7] = bad
+
+    base, experts, _, _ = write_models(tmp_path, 6, extra=poison)
+    code, err = run_merge_cli(["--method", method, *(["--base", base] if method != "weight_average" else []),
+                               "--experts", *experts, "--out", tmp_path / "out", "--max-shard-size", "1", *options],
+                              capsys)
+    assert code == 2 and "experts[1]['head.weight'] holds a non-finite value (NaN or Inf)" in err, err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_non_finite_base_is_named(tmp_path):
+    def poison(models):
+        models[0]["norm.weight"][0] = float("-inf")
+
+    base, experts, _, _ = write_models(tmp_path, 7, extra=poison)
+    with pytest.raises(ValueError, match=r"base\['norm.weight'\] holds a non-finite value"):
+        merge_checkpoints("task_arithmetic", base, experts, tmp_path / "out")
+
+
+def test_overflowing_result_exits_2(tmp_path, capsys):
+    base, experts, _, _ = write_models(tmp_path, 8)
+    code, err = run_merge_cli(["--method", "task_arithmetic", "--base", base, "--experts", *experts,
+                               "--out", tmp_path / "out", "--scaling", "1e308"], capsys)
+    assert code == 2 and "the merged 'emb.weight' is not finite: it overflows torch.float32 (scaling 1e+308" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method, options", [("weight_average", {}), ("task_arithmetic", {}), ("ties", {}),
+                                             ("dare", {"rescale": "l1"})])
+def test_allow_non_finite_merges_as_the_in_memory_function(method, options, tmp_path):
+    seed = torch.seed() % 2**31
+
+    def poison(models):
+        models[2]["head.weight"][3, 7] = float("inf")
+        models[3]["emb.weight"][0, 0] = float("nan")
+
+    base, experts, base_sd, expert_sds = write_models(tmp_path, seed, extra=poison)
+    with pytest.raises(ValueError, match="non-finite"):
+        METHODS[method](base_sd, expert_sds, **options)
+    out = merge_checkpoints(method, base, experts, tmp_path / "out", allow_non_finite=True, **options)
+    expected = METHODS[method](base_sd, expert_sds, allow_non_finite=True, **options)
+    got = read_folder(out)
+    for key in expected:
+        assert torch.equal(got[key].nan_to_num(), expected[key].nan_to_num()), (key, seed)
+        assert torch.equal(got[key].isnan(), expected[key].isnan()), (key, seed)
+    if method in ("weight_average", "task_arithmetic"):  # the bad values stay in their own elements
+        assert got["head.weight"][3, 7] == float("inf") and got["emb.weight"][0, 0].isnan()
+        assert int(got["head.weight"].isinf().sum()) == 1 and int(got["emb.weight"].isnan().sum()) == 1
+    if method == "ties":  # a NaN magnitude is never above the threshold: trimmed
+        assert not got["emb.weight"].isnan().any() and got["head.weight"][3, 7] == float("inf")
+    if method == "dare":  # the Inf makes expert 1's L1 norm infinite: its whole tensor is non-finite
+        assert not got["head.weight"].isfinite().any()
