@@ -306,6 +306,9 @@ def merge_from_config(config: MergeConfig, out, *, max_shard_size: int = DEFAULT
         raise ValueError(f"base is required for {method}")
     base_source = SafetensorsSource(base, "base") if base is not None else None
     entries = plan_entries(base_source if spec.needs_base else None, expert_sources, **plan_options)
+    if not entries:
+        raise ValueError(f"the merge has no tensors to write: the inputs hold none"
+                         f"{' in common (keys=intersection)' if plan_options['key_policy'] == 'intersection' else ''}")
     if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int) or max_shard_size < 1:
         raise ValueError(f"max_shard_size must be a positive number of bytes, got {max_shard_size!r}")
     out = Path(out)

@@ -171,11 +171,21 @@ class MergeSpec:
         return self.method != "weight_average"
 
 
-def merge_spec(method: str, num_experts: int, *, scaling: float = 0.3, weights: Sequence[float] | None = None,
-               density: float | Sequence[float] = 0.2, per_tensor: bool = False, exact_count: bool = False,
-               merge_func: str = "mean", drop_rate: float | Sequence[float] = 0.5, seed: int = 0,
-               rescale: str = "inverse", ties: bool = False, allow_non_finite: bool = False) -> MergeSpec:
+_TIES_OPTIONS = ("density", "per_tensor", "exact_count", "merge_func")
+# option -> its value when not given; each method's options; all others are refused for it
+OPTION_DEFAULTS = {"scaling": 0.3, "weights": None, "density": 0.2, "per_tensor": False, "exact_count": False,
+                   "merge_func": "mean", "drop_rate": 0.5, "seed": 0, "rescale": "inverse", "ties": False}
+METHOD_OPTIONS = {"weight_average": ("weights",), "task_arithmetic": ("scaling", "weights"),
+                  "ties": ("scaling", "weights", *_TIES_OPTIONS),
+                  "dare": ("scaling", "weights", "drop_rate", "seed", "rescale", "ties")}
+
+
+def merge_spec(method: str, num_experts: int, *, allow_non_finite: bool = False, **options) -> MergeSpec:
     """Check merge options and return a ``MergeSpec`` (see the module docstring for each option).
+
+    An option left out takes its default (``OPTION_DEFAULTS``); an option given (other than
+    ``None``) to a method that does not use it (``METHOD_OPTIONS``; DARE uses the TIES options
+    only with ``ties=True``) is refused, for every method alike.
 
     Args:
         method: one of ``METHODS``.
@@ -191,9 +201,20 @@ def merge_spec(method: str, num_experts: int, *, scaling: float = 0.3, weights: 
         allow_non_finite: merge inputs holding NaN or Inf, and write non-finite results,
             instead of raising (module docstring, "Non-finite values").
     Raises:
-        TypeError / ValueError naming the argument.
+        TypeError / ValueError naming the argument (an unknown or unused option is a ValueError).
     """
     method = _choice("method", method, METHODS)
+    unknown = sorted(set(options) - set(OPTION_DEFAULTS))
+    if unknown:
+        raise TypeError(f"unknown merge options {unknown} (accepted: {list(OPTION_DEFAULTS)})")
+    used = METHOD_OPTIONS[method] + (_TIES_OPTIONS if method == "dare" and options.get("ties") else ())
+    unused = [name for name, value in options.items() if name not in used and value is not None]
+    if unused:
+        raise ValueError(f"{method}{' without ties' if method == 'dare' else ''} does not use {unused}; "
+                         f"its options are {list(used)}")
+    values = {**OPTION_DEFAULTS, **options}
+    scaling, weights, density, per_tensor, exact_count, merge_func, drop_rate, seed, rescale, ties = (
+        values[name] for name in OPTION_DEFAULTS)
     scaling = _real("scaling", scaling)
     if weights is not None:
         if not isinstance(weights, Sequence) or isinstance(weights, str):
@@ -713,8 +734,9 @@ def ties_merging(base: StateDict, experts: Sequence[StateDict], scaling: float =
 
 def dare(base: StateDict, experts: Sequence[StateDict], scaling: float = 0.3,
          drop_rate: float | Sequence[float] = 0.5, seed: int = 0, ties: bool = False,
-         density: float | Sequence[float] = 0.2, *, weights: Sequence[float] | None = None, rescale: str = "inverse",
-         per_tensor: bool = False, exact_count: bool = False, merge_func: str = "mean", keys: str = "strict",
+         density: float | Sequence[float] | None = None, *, weights: Sequence[float] | None = None,
+         rescale: str = "inverse", per_tensor: bool | None = None, exact_count: bool | None = None,
+         merge_func: str | None = None, keys: str = "strict",
          non_float: str = "error", promote_dtypes: bool = False, allow_non_finite: bool = False) -> dict[str, torch.Tensor]:
     """DARE: randomly drop task-vector entries, rescale the rest, then merge.
 
@@ -729,10 +751,11 @@ def dare(base: StateDict, experts: Sequence[StateDict], scaling: float = 0.3,
         seed: the Philox key of the masks, in [0, 2**64); masks depend on (seed, expert position,
             tensor name, element index) only.
         ties: merge the rescaled task vectors with TIES-Merging instead of task arithmetic.
-        density: TIES trim density, used only with ``ties=True``.
+        density: TIES trim density (default 0.2), only with ``ties=True`` (refused without).
         weights: per-expert weights (default all 1).
         rescale: ``"inverse"`` (divide kept entries by 1 - p), ``"l1"`` or ``"none"``.
-        per_tensor / exact_count / merge_func: TIES options, used only with ``ties=True``.
+        per_tensor / exact_count / merge_func: TIES options (defaults ``False``, ``False``,
+            ``"mean"``), only with ``ties=True`` (refused without).
         {inputs}
     Returns:
         A new state dict in the base's key order and dtypes; non-float entries copied from the base.
@@ -741,10 +764,11 @@ def dare(base: StateDict, experts: Sequence[StateDict], scaling: float = 0.3,
         drop_rate not in [0, 1); density not in (0, 1]; non-finite scaling; seed not an integer
         in [0, 2**64).
     """
+    tie_options = {name: value for name, value in zip(_TIES_OPTIONS, (density, per_tensor, exact_count, merge_func))
+                   if value is not None}
     return _merge_state_dicts("dare", base, experts, keys, non_float, promote_dtypes, scaling=scaling,
-                              drop_rate=drop_rate, seed=seed, ties=ties, density=density, weights=weights,
-                              rescale=rescale, per_tensor=per_tensor, exact_count=exact_count, merge_func=merge_func,
-                              allow_non_finite=allow_non_finite)
+                              drop_rate=drop_rate, seed=seed, ties=ties, weights=weights, rescale=rescale,
+                              allow_non_finite=allow_non_finite, **tie_options)
 
 
 for _function in (weight_average, task_arithmetic, ties_merging, dare):

@@ -592,3 +592,55 @@ def test_allow_non_finite_merges_as_the_in_memory_function(method, options, tmp_
         assert not got["emb.weight"].isnan().any() and got["head.weight"][3, 7] == float("inf")
     if method == "dare":  # the Inf makes expert 1's L1 norm infinite: its whole tensor is non-finite
         assert not got["head.weight"].isfinite().any()
+
+
+# ---------------------------------------------------------------------------------------------
+# Options a method does not use, empty results
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method, flags, unused, parameters", [
+    ("weight_average", ["--scaling", "0.5"], "scaling", {"lambda": 0.5}),
+    ("task_arithmetic", ["--density", "0.3"], "density", {"density": 0.3}),
+    ("task_arithmetic", ["--seed", "3"], "seed", {"seed": 3}),
+    ("ties", ["--drop-rate", "0.3"], "drop_rate", {"drop_rate": 0.3}),
+    ("ties", ["--rescale", "l1"], "rescale", {"rescale": True}),
+    ("dare", ["--density", "0.3"], "density", {"density": 0.3}),
+    ("dare", ["--per-tensor"], "per_tensor", {"per_tensor": "false"}),
+    ("weight_average", ["--merge-func", "sum"], "merge_func", {"normalize": True}),
+])
+def test_unused_option_is_refused_for_every_method(method, flags, unused, parameters, tmp_path, capsys):
+    base, experts, _, _ = write_models(tmp_path, 9)
+    code, err = run_merge_cli(["--method", method, "--base", base, "--experts", *experts, "--out", tmp_path / "out",
+                               *flags], capsys)
+    assert code == 2 and f"does not use ['{unused}']" in err and "Traceback" not in err, err
+    (tmp_path / "c.json").write_text(json.dumps({"merge_method": method, "base_model": base.name,
+                                                 "models": [{"model": e.name} for e in experts],
+                                                 "parameters": parameters}))
+    code, err = run_merge_cli(["--config", tmp_path / "c.json", "--out", tmp_path / "out"], capsys)
+    assert code == 2 and f"does not use ['{unused}']" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unused_option_is_refused_in_memory():
+    base = {"w": torch.zeros(3)}
+    with pytest.raises(ValueError, match=r"dare without ties does not use \['density'\]"):
+        merging.dare(base, [base], density=0.3)
+    with pytest.raises(ValueError, match=r"dare without ties does not use \['per_tensor'\]"):
+        merging.dare(base, [base], per_tensor=False)
+    assert torch.equal(merging.dare(base, [base], ties=True, density=0.3)["w"], base["w"])
+
+
+@pytest.mark.parametrize("case", ["no tensors", "no common key"])
+def test_empty_result_is_refused(case, tmp_path, capsys):
+    if case == "no tensors":
+        paths = [write_raw_safetensors(tmp_path / f"m{i}.safetensors", {"__metadata__": {"format": "pt"}}, b"")
+                 for i in range(3)]
+        flags = []
+    else:
+        paths = [tmp_path / f"m{i}.safetensors" for i in range(3)]
+        for i, path in enumerate(paths):
+            safetensors_torch.save_file({f"w{i}": torch.ones(2)}, path)
+        flags = ["--keys", "intersection"]
+    code, err = run_merge_cli(["--method", "task_arithmetic", "--base", paths[0], "--experts", *paths[1:],
+                               "--out", tmp_path / "out", *flags], capsys)
+    assert code == 2 and "the merge has no tensors to write" in err and not (tmp_path / "out").exists(), err
