@@ -16,17 +16,18 @@ tensor and 1 expert, 2.2x to 4.1x; measured as the peak resident set
 The output folder gets the shards (``model.safetensors`` when one shard suffices, else
 ``model-0000i-of-0000n.safetensors`` and ``model.safetensors.index.json``, as
 ``save_pretrained`` names them) and copies of the base's ``config.json``, generation config and
-tokenizer files. It is written under a temporary name beside ``out`` and renamed into place
-only when everything is written: a failed or interrupted merge leaves no output folder.
+tokenizer files. ``out`` is checked before any input is read (not a symlink, new or empty, its
+parent present), the free space before any float tensor is read; the folder is written under a
+temporary name and renamed into place only when everything is written (``merge_output``): a
+failed merge, SIGTERM or SIGHUP leaves no output folder, and the partial folder of a killed
+merge is removed by the next merge to the same ``out``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
-import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePosixPath
 
@@ -34,6 +35,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .merge_config import MergeConfig
+from .merge_output import check_free_space, check_out, clear_stale_partials, partial_folder
 from .merge_plan import Entry, plan_entries
 from .merging import Progress, merge_spec, merge_tensors
 
@@ -220,13 +222,18 @@ def _header(entries: Sequence[Entry]) -> bytes:
 
 
 def _write_shard(path: Path, entries: Sequence[Entry], tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
-    with open(path, "wb") as f:
-        f.write(_header(entries))
-        for entry in entries:
-            key, tensor = next(tensors)
-            assert key == entry.key and tuple(tensor.shape) == entry.shape and tensor.dtype == entry.dtype, key
-            f.write(memoryview(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy()))
-            del tensor  # free before the next tensor is made
+    try:
+        with open(path, "wb") as f:
+            f.write(_header(entries))
+            for entry in entries:
+                key, tensor = next(tensors)
+                assert key == entry.key and tuple(tensor.shape) == entry.shape and tensor.dtype == entry.dtype, key
+                f.write(memoryview(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy()))
+                del tensor  # free before the next tensor is made
+    except OSError as error:  # a full disk reports no file name: name the shard
+        if error.filename is not None:
+            raise
+        raise OSError(error.errno, f"writing {path} failed: {error.strerror or error}") from None
 
 
 def write_safetensors_folder(folder: Path, entries: Sequence[Entry], tensors: Iterator[tuple[str, torch.Tensor]],
@@ -250,13 +257,6 @@ def write_safetensors_folder(folder: Path, entries: Sequence[Entry], tensors: It
         (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         names.append(INDEX_NAME)
     return names
-
-
-def _prepare_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"out: {out} exists and is not an empty folder; choose a new output folder")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"out: the parent folder {out.parent} does not exist")
 
 
 def merge_checkpoints(method: str, base, experts: Sequence, out, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
@@ -297,6 +297,8 @@ def merge_from_config(config: MergeConfig, out, *, max_shard_size: int = DEFAULT
     output is created. See ``merge_checkpoints`` for ``out``, ``max_shard_size``, ``progress``,
     the result and the errors.
     """
+    out = Path(out)
+    check_out(out)
     method, base, experts, options = config.resolve()
     plan_options = dict(key_policy=options.pop("keys", "strict"), non_float=options.pop("non_float", "error"),
                         promote_dtypes=options.pop("promote_dtypes", False))
@@ -311,21 +313,13 @@ def merge_from_config(config: MergeConfig, out, *, max_shard_size: int = DEFAULT
                          f"{' in common (keys=intersection)' if plan_options['key_policy'] == 'intersection' else ''}")
     if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int) or max_shard_size < 1:
         raise ValueError(f"max_shard_size must be a positive number of bytes, got {max_shard_size!r}")
-    out = Path(out)
-    _prepare_out(out)
     tensors = merge_tensors(spec, base_source if spec.needs_base else None, expert_sources, entries, progress)
-    partial = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    partial.mkdir()
-    try:
+    clear_stale_partials(out)
+    check_free_space(out, sum(_nbytes(entry) for entry in entries))
+    with partial_folder(out) as partial:
         write_safetensors_folder(partial, entries, iter(tensors), max_shard_size)
         meta_source = (base_source or expert_sources[0]).folder
         for name in COPIED_FILES if meta_source is not None else ():
             if (meta_source / name).is_file():
                 shutil.copyfile(meta_source / name, partial / name)
-        if out.exists():
-            out.rmdir()
-        os.replace(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return out

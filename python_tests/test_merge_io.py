@@ -644,3 +644,102 @@ def test_empty_result_is_refused(case, tmp_path, capsys):
     code, err = run_merge_cli(["--method", "task_arithmetic", "--base", paths[0], "--experts", *paths[1:],
                                "--out", tmp_path / "out", *flags], capsys)
     assert code == 2 and "the merge has no tensors to write" in err and not (tmp_path / "out").exists(), err
+
+
+# ---------------------------------------------------------------------------------------------
+# The output folder: symlinks, free space, a full disk, signals, partial folders of killed merges
+# ---------------------------------------------------------------------------------------------
+
+def test_out_symlink_is_refused_before_reading(tmp_path, monkeypatch):
+    base, experts, _, _ = write_models(tmp_path, 10)
+    (tmp_path / "target").mkdir()
+    (tmp_path / "out").symlink_to(tmp_path / "target")
+    monkeypatch.setattr(SafetensorsSource, "__init__", lambda *a: pytest.fail("an input was read"))
+    with pytest.raises(FileExistsError, match=r"out: .*out is a symlink \(to .*target\)"):
+        merge_checkpoints("ties", base, experts, tmp_path / "out")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(FileExistsError, match="is a symlink"):
+        merge_checkpoints("ties", base, experts, tmp_path / "dangling")
+
+
+def test_free_space_is_checked_before_float_tensors_are_read(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from mergopt_kernels import merging as merging_module
+
+    base, experts, _, _ = write_models(tmp_path, 11)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: namedtuple("usage", "total used free")(10**6, 0, 1000))
+    monkeypatch.setattr(merging_module._TaskVectors, "__init__", lambda *a: pytest.fail("a tensor was merged"))
+    with pytest.raises(OSError, match=rf"out: {tmp_path} has 1,000 bytes free; the merged model needs"):
+        merge_checkpoints("ties", base, experts, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_disk_full_names_the_file(tmp_path, monkeypatch):
+    import errno
+    import io
+
+    from mergopt_kernels import merge_io
+
+    class FullDisk(io.BytesIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    base, experts, _, _ = write_models(tmp_path, 12)
+    monkeypatch.setattr(merge_io, "open", lambda path, mode: FullDisk(), raising=False)
+    with pytest.raises(OSError, match=r"writing .*\.out\.partial-\d+-[0-9a-f]{8}/model.safetensors failed: "
+                                      r"No space left on device"):
+        merge_checkpoints("task_arithmetic", base, experts, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_partial_folder_of_a_killed_merge_is_removed_by_the_next_merge(tmp_path):
+    import subprocess
+    import sys
+
+    base, experts, base_sd, expert_sds = write_models(tmp_path, 13)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    stale = tmp_path / f".out.partial-{int(dead.stdout)}-0123abcd"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(bytes(1000))
+    with subprocess.Popen(["sleep", "60"]) as running:
+        busy = tmp_path / f".out.partial-{running.pid}-89abcdef"
+        busy.mkdir()
+        other = tmp_path / ".other.partial-1-0123abcd"
+        other.mkdir()
+        with pytest.warns(UserWarning) as record:
+            out = merge_checkpoints("task_arithmetic", base, experts, tmp_path / "out")
+        running.kill()
+    messages = [str(w.message) for w in record]
+    assert f"removed {stale}, the partial output of an interrupted merge (process {int(dead.stdout)})" in messages
+    assert any(f"{busy} is the partial output of process {running.pid}, which still runs" in m for m in messages)
+    assert not stale.exists() and busy.exists() and other.exists()
+    assert_equal_state(read_folder(out), merging.task_arithmetic(base_sd, expert_sds))
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_signal_removes_the_partial_folder(signame, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from bench.merge_memory import write_models as write_large
+
+    base, experts = write_large(tmp_path, 1 << 21, 2)
+    script = ("import sys; from mergopt_kernels.merge_io import merge_checkpoints; "
+              "merge_checkpoints('dare', sys.argv[1], sys.argv[2:4], sys.argv[4], ties=True, max_shard_size=1)")
+    root = Path(__file__).resolve().parent.parent
+    process = subprocess.Popen([sys.executable, "-c", script, str(base), *map(str, experts), str(tmp_path / "out")],
+                               cwd=root, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.partial-*/*.safetensors")) and process.poll() is None:
+        assert time.monotonic() < deadline, "the merge never started writing"
+        time.sleep(0.01)
+    process.send_signal(getattr(signal, signame))
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + getattr(signal, signame), err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
