@@ -743,3 +743,17 @@ def test_signal_removes_the_partial_folder(signame, tmp_path):
     assert process.returncode == 128 + getattr(signal, signame), err
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_readme_merge_config_snippet(tmp_path, monkeypatch):
+    from test_snippets import snippet
+
+    seed = torch.seed() % 2**31
+    _, _, base_sd, expert_sds = write_models(tmp_path, seed, experts=2)
+    for name, sd in zip(("base", "expert_math", "expert_code"), [base_sd, *expert_sds]):
+        (tmp_path / name).mkdir()
+        safetensors_torch.save_file(sd, tmp_path / name / "model.safetensors")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet("merge-config"), "<snippet merge-config>", "exec"), {})
+    expected = merging.ties_merging(base_sd, expert_sds, 1.0, 0.5, True, weights=[0.5, 0.5])
+    assert_equal_state(read_folder(tmp_path / "merged"), expected), f"seed {seed}"
