@@ -666,11 +666,11 @@ def test_free_space_is_checked_before_float_tensors_are_read(tmp_path, monkeypat
     import shutil
     from collections import namedtuple
 
-    from mergopt_kernels import merging as merging_module
+    from mergopt_kernels.merge import task_vectors
 
     base, experts, _, _ = write_models(tmp_path, 11)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: namedtuple("usage", "total used free")(10**6, 0, 1000))
-    monkeypatch.setattr(merging_module._TaskVectors, "__init__", lambda *a: pytest.fail("a tensor was merged"))
+    monkeypatch.setattr(task_vectors.TaskVectors, "__init__", lambda *a: pytest.fail("a tensor was merged"))
     with pytest.raises(OSError, match=rf"out: {tmp_path} has 1,000 bytes free; the merged model needs"):
         merge_checkpoints("ties", base, experts, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
