@@ -407,17 +407,24 @@ def test_peak_memory_within_bound(method, options, tmp_path):
                                        [safetensors_torch.load_file(p) for p in experts], **options))
 
 
-def test_readme_merge_snippet(tmp_path, monkeypatch):
+README_MERGES = {  # the README's merge snippets and the in-memory merge each equals
+    "merge": lambda base, experts: merging.ties_merging(base, experts, 0.3, 0.2),
+    "merge-config": lambda base, experts: merging.ties_merging(base, experts, 1.0, 0.5, True, weights=[0.5, 0.5]),
+}
+
+
+@pytest.mark.parametrize("name", list(README_MERGES))
+def test_readme_merge_snippet(name, tmp_path, monkeypatch):
     from test_snippets import snippet
 
     seed = torch.seed() % 2**31
     _, _, base_sd, expert_sds = write_models(tmp_path, seed, experts=2)
-    for name, sd in zip(("base", "expert_math", "expert_code"), [base_sd, *expert_sds]):
-        (tmp_path / name).mkdir()
-        safetensors_torch.save_file(sd, tmp_path / name / "model.safetensors")
+    for folder, sd in zip(("base", "expert_math", "expert_code"), [base_sd, *expert_sds]):
+        (tmp_path / folder).mkdir()
+        safetensors_torch.save_file(sd, tmp_path / folder / "model.safetensors")
     monkeypatch.chdir(tmp_path)
-    exec(compile(snippet("merge"), "<snippet merge>", "exec"), {})
-    assert_equal_state(read_folder(tmp_path / "merged"), merging.ties_merging(base_sd, expert_sds, 0.3, 0.2))
+    exec(compile(snippet(name), f"<snippet {name}>", "exec"), {})
+    assert_equal_state(read_folder(tmp_path / "merged"), README_MERGES[name](base_sd, expert_sds)), f"seed {seed}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -744,16 +751,3 @@ def test_signal_removes_the_partial_folder(signame, tmp_path):
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
 
-
-def test_readme_merge_config_snippet(tmp_path, monkeypatch):
-    from test_snippets import snippet
-
-    seed = torch.seed() % 2**31
-    _, _, base_sd, expert_sds = write_models(tmp_path, seed, experts=2)
-    for name, sd in zip(("base", "expert_math", "expert_code"), [base_sd, *expert_sds]):
-        (tmp_path / name).mkdir()
-        safetensors_torch.save_file(sd, tmp_path / name / "model.safetensors")
-    monkeypatch.chdir(tmp_path)
-    exec(compile(snippet("merge-config"), "<snippet merge-config>", "exec"), {})
-    expected = merging.ties_merging(base_sd, expert_sds, 1.0, 0.5, True, weights=[0.5, 0.5])
-    assert_equal_state(read_folder(tmp_path / "merged"), expected), f"seed {seed}"
