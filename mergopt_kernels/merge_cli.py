@@ -28,10 +28,13 @@ The config file (YAML or JSON) has mergekit's layout, for the methods both packa
       promote_dtypes: false
       allow_non_finite: false     # true: merge NaN/Inf inputs, write non-finite results
 
-``conventions: mergekit`` makes unset options mergekit 0.1.5's: ``lambda`` 1, per-tensor trim,
-``density`` 1, ``normalize`` true for ``ties`` and false for ``dare_ties``, DARE ``rescale``
-l1, and for the DARE methods ``density`` is the keep fraction (``drop_rate = 1 - density``),
-with no magnitude trim in ``dare_ties``. Differences that remain: mergekit keeps
+The file is read into a ``merge_config.MergeConfig`` (pydantic, with mergekit's coercions), as
+the flags are: every error in it, like every error about the inputs and the output, exits with
+status 2 and one line naming the key, the file or the entry. An option the method does not use
+is refused. ``conventions: mergekit`` makes unset options mergekit 0.1.5's, for the options the
+method uses: ``lambda`` 1, per-tensor trim, ``density`` 1, ``normalize`` true for ``ties`` and
+false for ``dare_ties``, DARE ``rescale`` l1, and for the DARE methods ``density`` is the keep
+fraction (``drop_rate = 1 - density``), with no magnitude trim in ``dare_ties``. Differences that remain: mergekit keeps
 ``max(1, int(density * n))`` entries per tensor where we keep ``floor(density * n + 1/2)``,
 its DARE masks come from ``torch.bernoulli`` (ours from the Philox stream of ``merging``), and
 it elects +1 where the sign sum is exactly 0 (we take the model's majority sign).
