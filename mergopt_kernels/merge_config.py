@@ -197,7 +197,8 @@ def _mergekit_defaults(method: str, dare_ties: bool) -> dict:
         return {}
     defaults = {"scaling": 1.0}
     if method == "ties" or dare_ties:
-        defaults.update(per_tensor=True, merge_func="sum" if dare_ties else "mean")
+        # mergekit keeps exactly int(density * n) entries per tensor (its argsort's top k)
+        defaults.update(per_tensor=True, exact_count=True, merge_func="sum" if dare_ties else "mean")
     if method != "task_arithmetic":
         defaults["density"] = 1.0  # for DARE the keep fraction, made a drop rate by ``resolve``
     if method == "dare":

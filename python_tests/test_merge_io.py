@@ -237,7 +237,8 @@ def test_config_mergekit_conventions_map_to_options(tmp_path):
                    {"model": "y", "parameters": {"weight": 1.0, "density": 0.4}}]}))
     method, base, experts, options = options_from_config(tmp_path / "c.json")
     assert (method, base, experts) == ("dare", str(tmp_path / "b"), [str(tmp_path / "x"), str(tmp_path / "y")])
-    assert options == dict(scaling=1.0, per_tensor=True, density=1.0, rescale="l1", merge_func="sum", ties=True,
+    assert options == dict(scaling=1.0, per_tensor=True, exact_count=True, density=1.0, rescale="l1", merge_func="sum",
+                           ties=True,
                            weights=[0.5, 1.0], drop_rate=[pytest.approx(0.3), pytest.approx(0.6)])
     (tmp_path / "p.json").write_text(json.dumps({"merge_method": "linear", "models": [{"model": "x"}]}))
     assert options_from_config(tmp_path / "p.json") == ("weight_average", None, [str(tmp_path / "x")], {})
@@ -303,7 +304,8 @@ def test_python_api_takes_the_config_object(tmp_path):
                          models=[{"model": str(path), "parameters": {"weight": 0.5, "density": 0.5}}
                                  for path in experts])
     out = merge_from_config(config, tmp_path / "out")
-    expected = merging.ties_merging(base_sd, expert_sds, 1.0, 0.5, True, weights=[0.5] * 3, merge_func="mean")
+    expected = merging.ties_merging(base_sd, expert_sds, 1.0, 0.5, True, weights=[0.5] * 3, merge_func="mean",
+                                    exact_count=True)
     assert_equal_state(read_folder(out), expected), f"seed {seed}"
     assert MergeConfig.from_options("ties", base, experts, density=0.5, per_tensor=True, scaling=1.0,
                                     weights=[0.5] * 3).resolve()[3] == dict(
@@ -409,7 +411,8 @@ def test_peak_memory_within_bound(method, options, tmp_path):
 
 README_MERGES = {  # the README's merge snippets and the in-memory merge each equals
     "merge": lambda base, experts: merging.ties_merging(base, experts, 0.3, 0.2),
-    "merge-config": lambda base, experts: merging.ties_merging(base, experts, 1.0, 0.5, True, weights=[0.5, 0.5]),
+    "merge-config": lambda base, experts: merging.ties_merging(base, experts, 1.0, 0.5, True, weights=[0.5, 0.5],
+                                                               exact_count=True),
 }
 
 
