@@ -9,8 +9,8 @@ and every error names the input and the file. Each tensor is read when the merge
 as soon as it is made: the safetensors header of every
 shard is known before the merge starts (the output keys, shapes and dtypes are planned first),
 so no shard is buffered in memory. Peak extra memory is the merge's own: with one 64 MiB fp32
-tensor and 3 experts, 4.1x (weight average) to 6.4x (TIES) that tensor; with one 32 MiB bf16
-tensor and 1 expert, 2.2x to 4.1x; measured as the peak resident set
+tensor and 3 experts, 4.2x (weight average) to 6.2x (TIES) that tensor; with one 32 MiB bf16
+tensor and 1 expert, 2.3x to 4.3x; measured as the peak resident set
 (``python -m bench.merge_memory``, ``bench/RESULTS.md``).
 
 The output folder gets the shards (``model.safetensors`` when one shard suffices, else

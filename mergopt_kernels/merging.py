@@ -20,9 +20,9 @@ Common rules
       in chunks of ``CHUNK`` elements, so peak extra memory is about ``K + 3`` times the largest
       tensor plus fixed chunk buffers, for every method, whole-model TIES included. Measured from
       disk (``python -m bench.merge_memory``, peak resident set), as multiples of the largest
-      tensor: one 64 MiB fp32 tensor and 3 experts, weight average 4.1x, task arithmetic 5.2x,
-      TIES 6.0x to 6.4x (whole model, exact count, per tensor), DARE 5.5x, DARE-TIES 5.9x
-      (bound ``3 * (K + 1)`` = 12x); one 32 MiB bf16 tensor and 1 expert, 2.2x to 4.1x (bound
+      tensor: one 64 MiB fp32 tensor and 3 experts, weight average 4.2x, task arithmetic 5.3x,
+      TIES 5.9x to 6.2x (whole model, exact count, per tensor), DARE 5.7x, DARE-TIES 5.9x
+      (bound ``3 * (K + 1)`` = 12x); one 32 MiB bf16 tensor and 1 expert, 2.3x to 4.3x (bound
       6x). Inputs are never modified.
 
 TIES-Merging (``ties_merging``)
