@@ -313,13 +313,14 @@ def merge_from_config(config: MergeConfig, out, *, max_shard_size: int = DEFAULT
                          f"{' in common (keys=intersection)' if plan_options['key_policy'] == 'intersection' else ''}")
     if isinstance(max_shard_size, bool) or not isinstance(max_shard_size, int) or max_shard_size < 1:
         raise ValueError(f"max_shard_size must be a positive number of bytes, got {max_shard_size!r}")
+    meta_source = base_source or expert_sources[0]
+    copied = [_inside(meta_source.folder, name, f"{meta_source.name}: {meta_source.folder / name}")
+              for name in COPIED_FILES if meta_source.folder is not None and (meta_source.folder / name).is_file()]
     tensors = merge_tensors(spec, base_source if spec.needs_base else None, expert_sources, entries, progress)
     clear_stale_partials(out)
     check_free_space(out, sum(_nbytes(entry) for entry in entries))
     with partial_folder(out) as partial:
         write_safetensors_folder(partial, entries, iter(tensors), max_shard_size)
-        meta_source = (base_source or expert_sources[0]).folder
-        for name in COPIED_FILES if meta_source is not None else ():
-            if (meta_source / name).is_file():
-                shutil.copyfile(meta_source / name, partial / name)
+        for path in copied:
+            shutil.copyfile(path, partial / path.name)
     return out

@@ -754,3 +754,13 @@ def test_signal_removes_the_partial_folder(signame, tmp_path):
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
 
+
+
+def test_copied_config_file_leaving_the_folder_is_refused(tmp_path, capsys):
+    folder = tmp_path / "base"
+    folder.mkdir()
+    safetensors_torch.save_file({"w": torch.ones(2)}, folder / "model.safetensors")
+    (folder / "tokenizer.json").symlink_to("/etc/passwd")
+    code, err = run_merge_cli(["--method", "weight_average", "--experts", folder, "--out", tmp_path / "out"], capsys)
+    assert code == 2 and f"experts[0]: {folder / 'tokenizer.json'} is 'tokenizer.json', a symlink that leaves" in err
+    assert not (tmp_path / "out").exists()
