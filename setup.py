@@ -167,7 +167,7 @@ setup(
     description="Fused MergOPT optimizer kernels (noise regenerated from Philox, never stored)",
     packages=find_packages(include=["mergopt_kernels", "mergopt_kernels.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.11,<2.15", "numpy"],
+    install_requires=["torch>=2.11,<2.15", "numpy", "safetensors>=0.8", "pydantic>=2.10,<3", "pyyaml>=6"],
     # "demo": python -m mergopt_kernels demo. "hf": mergopt_kernels.integrations.hf
     # (MergOptCallback for transformers.Trainer), tested with requirements-test.txt's pins.
     extras_require={"demo": ["scikit-learn", "matplotlib", "tqdm"],

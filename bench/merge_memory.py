@@ -5,8 +5,9 @@
 Writes a base and K experts (one ``[numel / 1024, 1024]`` tensor plus small ones) as
 ``.safetensors`` files, then runs each merge in a fresh process: the process resets its peak
 resident set (``/proc/self/clear_refs``), runs ``merge_io.merge_checkpoints`` and reports
-``VmHWM - VmRSS`` at the reset, the memory the merge added at its peak. Reading does not memory-map
-the files, so the page cache is not counted. Linux only.
+``VmHWM - VmRSS`` at the reset, the memory the merge added at its peak. Inputs are read through
+the safetensors library, which memory-maps a file while one tensor is copied out of it: those
+mapped pages count in the peak while they are mapped. Linux only.
 """
 
 from __future__ import annotations

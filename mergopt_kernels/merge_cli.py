@@ -26,11 +26,15 @@ The config file (YAML or JSON) has mergekit's layout, for the methods both packa
       keys: strict                # strict | intersection | union
       non_float: error            # error | base
       promote_dtypes: false
+      allow_non_finite: false     # true: merge NaN/Inf inputs, write non-finite results
 
-``conventions: mergekit`` makes unset options mergekit 0.1.5's: ``lambda`` 1, per-tensor trim,
-``density`` 1, ``normalize`` true for ``ties`` and false for ``dare_ties``, DARE ``rescale``
-l1, and for the DARE methods ``density`` is the keep fraction (``drop_rate = 1 - density``),
-with no magnitude trim in ``dare_ties``. Differences that remain: mergekit keeps
+The file is read into a ``merge_config.MergeConfig`` (pydantic, with mergekit's coercions), as
+the flags are: every error in it, like every error about the inputs and the output, exits with
+status 2 and one line naming the key, the file or the entry. An option the method does not use
+is refused. ``conventions: mergekit`` makes unset options mergekit 0.1.5's, for the options the
+method uses: ``lambda`` 1, per-tensor trim, ``density`` 1, ``normalize`` true for ``ties`` and
+false for ``dare_ties``, DARE ``rescale`` l1, and for the DARE methods ``density`` is the keep
+fraction (``drop_rate = 1 - density``), with no magnitude trim in ``dare_ties``. Differences that remain: mergekit keeps
 ``max(1, int(density * n))`` entries per tensor where we keep ``floor(density * n + 1/2)``,
 its DARE masks come from ``torch.bernoulli`` (ours from the Philox stream of ``merging``), and
 it elects +1 where the sign sum is exactly 0 (we take the model's majority sign).
@@ -39,19 +43,10 @@ it elects +1 where the sign sum is exactly 0 (we take the model's majority sign)
 from __future__ import annotations
 
 import argparse
-import json
 import math
-from pathlib import Path
 
-METHOD_ALIASES = {"weight_average": ("weight_average", False), "linear": ("weight_average", False),
-                  "task_arithmetic": ("task_arithmetic", False), "ties": ("ties", False),
-                  "dare": ("dare", False), "dare_linear": ("dare", False), "dare_ties": ("dare", True)}
-SHARED_OPTIONS = {"lambda": "scaling", "scaling": "scaling", "density": "density", "normalize": "normalize",
-                  "per_tensor": "per_tensor", "exact_count": "exact_count", "drop_rate": "drop_rate",
-                  "rescale": "rescale", "seed": "seed", "ties": "ties", "weight": "weight", "keys": "keys",
-                  "non_float": "non_float", "promote_dtypes": "promote_dtypes"}
-MODEL_OPTIONS = ("weight", "density", "drop_rate")
-CONFIG_KEYS = ("merge_method", "conventions", "base_model", "models", "parameters")
+from .merge_config import MergeConfig
+
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -99,6 +94,9 @@ def add_merge_parser(commands) -> argparse.ArgumentParser:
     merge.add_argument("--non-float", choices=NON_FLOAT_POLICIES,
                        help="non-float entries that differ (default error; base takes the base's)")
     merge.add_argument("--promote-dtypes", action="store_true", help="merge differing float dtypes, promoted")
+    merge.add_argument("--allow-non-finite", action="store_true",
+                       help="merge inputs holding NaN/Inf and write non-finite results (default: exit 2 naming "
+                            "the model and tensor)")
     merge.add_argument("--max-shard-size", type=_size, default=DEFAULT_MAX_SHARD_SIZE,
                        help="bytes per output shard (default 5GB)")
     merge.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -106,10 +104,10 @@ def add_merge_parser(commands) -> argparse.ArgumentParser:
 
 
 _FLAG_OPTIONS = ("scaling", "weights", "density", "drop_rate", "seed", "merge_func", "rescale", "keys", "non_float")
-_SWITCH_OPTIONS = ("per_tensor", "exact_count", "ties", "promote_dtypes")
+_SWITCH_OPTIONS = ("per_tensor", "exact_count", "ties", "promote_dtypes", "allow_non_finite")
 
 
-def _options_from_args(args: argparse.Namespace, parser) -> tuple[str, str | None, list[str], dict]:
+def _config_from_args(args: argparse.Namespace, parser) -> MergeConfig:
     if args.method is None or not args.experts:
         parser.error("merge: --method and --experts are required (or give --config)")
     options = {name: getattr(args, name) for name in _FLAG_OPTIONS if getattr(args, name) is not None}
@@ -117,94 +115,15 @@ def _options_from_args(args: argparse.Namespace, parser) -> tuple[str, str | Non
     for name in ("density", "drop_rate"):
         if name in options and len(options[name]) == 1:
             options[name] = options[name][0]
-    return args.method, args.base, args.experts, options
-
-
-def _read_config(path: Path) -> dict:
-    text = path.read_text()
-    if path.suffix == ".json":
-        config = json.loads(text)
-    else:
-        try:
-            import yaml
-        except ImportError:
-            raise ValueError(f"config {path}: reading YAML needs PyYAML (pip install pyyaml); "
-                             f"or write the config as .json") from None
-        config = yaml.safe_load(text)
-    if not isinstance(config, dict):
-        raise ValueError(f"config {path}: expected a mapping at the top level")
-    unknown = sorted(set(config) - set(CONFIG_KEYS))
-    if unknown:
-        raise ValueError(f"config {path}: unknown keys {unknown} (accepted: {list(CONFIG_KEYS)})")
-    return config
-
-
-def _mergekit_defaults(method: str) -> dict:
-    defaults = {"scaling": 1.0, "per_tensor": True, "density": 1.0}
-    if method == "ties":
-        defaults["merge_func"] = "mean"
-    if method == "dare":
-        defaults.update(rescale="l1", merge_func="sum")
-    return defaults
+    return MergeConfig.from_options(args.method, args.base, args.experts, **options)
 
 
 def options_from_config(path) -> tuple[str, str | None, list[str], dict]:
     """(method, base path, expert paths, ``merge_checkpoints`` options) from a config file.
 
-    Relative model paths are taken relative to the config file's folder.
+    Relative model paths are taken relative to the config file's folder (``MergeConfig.from_file``).
     """
-    path = Path(path)
-    config = _read_config(path)
-    name = config.get("merge_method")
-    if name not in METHOD_ALIASES:
-        raise ValueError(f"config {path}: merge_method must be one of {list(METHOD_ALIASES)}, got {name!r}")
-    method, dare_ties = METHOD_ALIASES[name]
-    conventions = config.get("conventions", "paper")
-    if conventions not in ("paper", "mergekit"):
-        raise ValueError(f"config {path}: conventions must be 'paper' or 'mergekit', got {conventions!r}")
-    models = config.get("models")
-    if not isinstance(models, list) or not models or not all(isinstance(m, dict) and "model" in m for m in models):
-        raise ValueError(f"config {path}: models must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
-    shared = dict(config.get("parameters") or {})
-    unknown = sorted(set(shared) - set(SHARED_OPTIONS))
-    if unknown:
-        raise ValueError(f"config {path}: unknown parameters {unknown} (accepted: {sorted(SHARED_OPTIONS)})")
-    options = _mergekit_defaults(method) if conventions == "mergekit" else {}
-    options.update({SHARED_OPTIONS[key]: value for key, value in shared.items()})
-    if dare_ties:
-        options["ties"] = True
-    if "normalize" in options:
-        options["merge_func"] = "mean" if options.pop("normalize") else "sum"
-    if isinstance(options.get("rescale"), bool):
-        options["rescale"] = "l1" if options["rescale"] else "none"
-    per_model = {}
-    for i, model in enumerate(models):
-        params = model.get("parameters") or {}
-        unknown = sorted(set(params) - set(MODEL_OPTIONS))
-        if unknown:
-            raise ValueError(f"config {path}: models[{i}] has unknown parameters {unknown} "
-                             f"(accepted: {list(MODEL_OPTIONS)})")
-        for key in MODEL_OPTIONS:
-            per_model.setdefault(key, []).append(params.get(key, options.get(key)))
-    weights = per_model["weight"]
-    options.pop("weight", None)
-    if any(w is not None for w in weights):
-        options["weights"] = [1.0 if w is None else w for w in weights]
-    for key in ("density", "drop_rate"):
-        values = per_model[key]
-        if None not in values:
-            options[key] = values
-        elif any(v is not None for v in values):
-            raise ValueError(f"config {path}: {key} is set for some models only; set it for every model "
-                             f"or in parameters")
-    if conventions == "mergekit" and method == "dare":
-        density = options.pop("density")
-        options["drop_rate"] = [1.0 - d for d in density] if isinstance(density, list) else 1.0 - density
-        options["density"] = 1.0
-    folder = path.parent
-    base = config.get("base_model")
-    return (method, str(folder / base) if base is not None else None,
-            [str(folder / model["model"]) for model in models], options)
+    return MergeConfig.from_file(path).resolve()
 
 
 def _tqdm_progress(disabled: bool):
@@ -216,8 +135,12 @@ def _tqdm_progress(disabled: bool):
 
 
 def run_merge_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """Run ``merge`` for parsed arguments; prints where the merged model was written."""
-    from .merge_io import merge_checkpoints
+    """Run ``merge`` for parsed arguments; prints where the merged model was written.
+
+    Every error about the inputs, the config or the output exits with status 2 and one line
+    naming what is wrong (no traceback).
+    """
+    from .merge_io import merge_from_config
 
     if args.config is not None:
         given = [f"--{name.replace('_', '-')}" for name in ("method", "base", "experts", *_FLAG_OPTIONS)
@@ -225,15 +148,10 @@ def run_merge_command(args: argparse.Namespace, parser: argparse.ArgumentParser)
                 [f"--{name.replace('_', '-')}" for name in _SWITCH_OPTIONS if getattr(args, name)]
         if given:
             parser.error(f"merge: --config sets the method, models and options; do not also give {given}")
-        try:
-            method, base, experts, options = options_from_config(args.config)
-        except (OSError, ValueError) as error:
-            parser.error(f"merge: {error}")
-    else:
-        method, base, experts, options = _options_from_args(args, parser)
     try:
-        out = merge_checkpoints(method, base, experts, args.out, max_shard_size=args.max_shard_size,
-                                progress=_tqdm_progress(args.no_progress), **options)
+        config = MergeConfig.from_file(args.config) if args.config is not None else _config_from_args(args, parser)
+        out = merge_from_config(config, args.out, max_shard_size=args.max_shard_size,
+                                progress=_tqdm_progress(args.no_progress))
     except (OSError, TypeError, ValueError) as error:
         parser.exit(2, f"{parser.prog} merge: error: {error}\n")
     print(f"wrote {out}")

@@ -12,7 +12,8 @@ import torch
 from mergopt_kernels import merging
 from mergopt_kernels.__main__ import main
 from mergopt_kernels.merge_cli import options_from_config
-from mergopt_kernels.merge_io import SafetensorsSource, merge_checkpoints
+from mergopt_kernels.merge_config import MergeConfig
+from mergopt_kernels.merge_io import INDEX_NAME, SafetensorsSource, merge_checkpoints, merge_from_config
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 from safetensors import safe_open  # noqa: E402
@@ -236,25 +237,79 @@ def test_config_mergekit_conventions_map_to_options(tmp_path):
                    {"model": "y", "parameters": {"weight": 1.0, "density": 0.4}}]}))
     method, base, experts, options = options_from_config(tmp_path / "c.json")
     assert (method, base, experts) == ("dare", str(tmp_path / "b"), [str(tmp_path / "x"), str(tmp_path / "y")])
-    assert options == dict(scaling=1.0, per_tensor=True, density=1.0, rescale="l1", merge_func="sum", ties=True,
+    assert options == dict(scaling=1.0, per_tensor=True, exact_count=True, density=1.0, rescale="l1", merge_func="sum",
+                           ties=True,
                            weights=[0.5, 1.0], drop_rate=[pytest.approx(0.3), pytest.approx(0.6)])
     (tmp_path / "p.json").write_text(json.dumps({"merge_method": "linear", "models": [{"model": "x"}]}))
     assert options_from_config(tmp_path / "p.json") == ("weight_average", None, [str(tmp_path / "x")], {})
 
 
 @pytest.mark.parametrize("config, match", [
-    ({"merge_method": "slerp", "models": [{"model": "x"}]}, "merge_method must be one of"),
-    ({"merge_method": "ties", "models": []}, "models must be a non-empty list"),
-    ({"merge_method": "ties", "models": [{"model": "x"}], "dtype": "bfloat16"}, r"unknown keys \['dtype'\]"),
-    ({"merge_method": "ties", "models": [{"model": "x"}], "parameters": {"gamma": 1}}, r"unknown parameters"),
+    ({"merge_method": "slerp", "models": [{"model": "x"}]}, r"merge_method: Input should be 'weight_average'"),
+    ({"merge_method": "ties", "models": []}, r"models: List should have at least 1 item"),
+    ({"merge_method": "ties", "models": [{"model": "x"}], "dtype": "bfloat16"}, r"dtype: Extra inputs are not permitted"),
+    ({"merge_method": "ties", "models": [{"model": "x"}], "parameters": {"gamma": 1}},
+     r"parameters.gamma: Extra inputs are not permitted"),
     ({"merge_method": "ties", "models": [{"model": "x", "parameters": {"density": 0.2}}, {"model": "y"}]},
-     "density is set for some models only"),
-    ({"merge_method": "ties", "conventions": "fusion", "models": [{"model": "x"}]}, "conventions must be"),
+     r"models\[1\].parameters.density is not set: density is set for some models only"),
+    ({"merge_method": "ties", "conventions": "fusion", "models": [{"model": "x"}]},
+     r"conventions: Input should be 'paper' or 'mergekit'"),
+    ({"merge_method": ["ties"], "models": [{"model": "x"}]}, r"merge_method: Input should be .* \(got \['ties'\]\)"),
+    ({"merge_method": "ties", "base_model": 123, "models": [{"model": "x"}]},
+     r"base_model: Input should be a valid string \(got 123\)"),
+    ({"merge_method": "ties", "models": [{"model": None}]}, r"models\[0\].model: Input should be a valid string"),
+    ({"merge_method": "ties", "models": [{"model": "x"}], "parameters": [1, 2]},
+     r"parameters: Input should be a valid dictionary"),
+    ({"merge_method": "ties", "models": [{"model": "x"}], "parameters": "abc"},
+     r"parameters: Input should be a valid dictionary .* \(got 'abc'\)"),
+    ({"merge_method": "ties", "models": [{"model": "x", "parameters": {"weight": "heavy"}}]},
+     r"models\[0\].parameters.weight: Input should be a valid number"),
+    ({"merge_method": "ties", "models": [{"model": "x"}], "parameters": {"seed": -1}}, r"parameters.seed: .*>= 0|"
+     r"parameters.seed: Input should be greater than or equal to 0"),
+    ({"merge_method": "ties", "models": [{"model": "x"}], "parameters": {"lambda": 1, "scaling": 2}},
+     r"give lambda or scaling, not both"),
+    ([{"merge_method": "ties"}], r"the top level: Input should be a valid dictionary"),
 ])
-def test_config_errors(config, match, tmp_path):
+def test_config_errors(config, match, tmp_path, capsys):
     (tmp_path / "c.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=match):
         options_from_config(tmp_path / "c.json")
+    code, err = run_merge_cli(["--config", tmp_path / "c.json", "--out", tmp_path / "out"], capsys)
+    assert code == 2 and f"config {tmp_path / 'c.json'}: " in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("text", ["merge_method: ties\nmodels: [{model: x}\n", "merge_method: ties\n  - a: b: c\n",
+                                  "\tmerge_method: ties\n"])
+def test_malformed_yaml_exits_2(text, tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text(text)
+    code, err = run_merge_cli(["--config", tmp_path / "c.yaml", "--out", tmp_path / "out"], capsys)
+    assert code == 2 and f"config {tmp_path / 'c.yaml'}: not valid YAML" in err and "Traceback" not in err
+
+
+def test_config_coerces_switches_as_mergekit_does(tmp_path):
+    """mergekit's pydantic config reads 'false' (quoted), 'no', 'off' and 0 as False, 'true' and 1 as True."""
+    for text, expected in [("'false'", False), ("'no'", False), ("'off'", False), ("0", False), ("'true'", True),
+                           ("1", True)]:
+        (tmp_path / "c.yaml").write_text(f"merge_method: ties\nbase_model: b\nmodels: [{{model: x}}]\n"
+                                         f"parameters: {{normalize: {text}, per_tensor: {text}, density: '0.5'}}\n")
+        _, _, _, options = options_from_config(tmp_path / "c.yaml")
+        assert options == dict(merge_func="mean" if expected else "sum", per_tensor=expected, density=0.5), text
+
+
+def test_python_api_takes_the_config_object(tmp_path):
+    """MergeConfig built in Python (keyword arguments), conventions: mergekit, gives mergekit's TIES defaults."""
+    seed = torch.seed() % 2**31
+    base, experts, base_sd, expert_sds = write_models(tmp_path, seed)
+    config = MergeConfig(merge_method="ties", conventions="mergekit", base_model=str(base),
+                         models=[{"model": str(path), "parameters": {"weight": 0.5, "density": 0.5}}
+                                 for path in experts])
+    out = merge_from_config(config, tmp_path / "out")
+    expected = merging.ties_merging(base_sd, expert_sds, 1.0, 0.5, True, weights=[0.5] * 3, merge_func="mean",
+                                    exact_count=True)
+    assert_equal_state(read_folder(out), expected), f"seed {seed}"
+    assert MergeConfig.from_options("ties", base, experts, density=0.5, per_tensor=True, scaling=1.0,
+                                    weights=[0.5] * 3).resolve()[3] == dict(
+        density=0.5, per_tensor=True, scaling=1.0, weights=[0.5] * 3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,12 +362,11 @@ def test_dtype_mismatch_is_refused_or_promoted(tmp_path):
     assert_equal_state(merged, merging.task_arithmetic(base_sd, expert_sds, promote_dtypes=True))
 
 
-def test_failed_merge_leaves_no_output_folder(tmp_path):
-    """An expert file truncated after its header fails mid-merge, after the first tensors are written."""
+def test_truncated_file_is_refused_before_writing(tmp_path):
     base, experts, _, _ = write_models(tmp_path, 4)
     data = experts[1].read_bytes()
     experts[1].write_bytes(data[:-40])
-    with pytest.raises(ValueError, match="truncated"):
+    with pytest.raises(ValueError, match=r"experts\[1\]: .*model2.safetensors is not a valid safetensors file"):
         merge_checkpoints("task_arithmetic", base, experts, tmp_path / "out", max_shard_size=1)
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
@@ -355,14 +409,358 @@ def test_peak_memory_within_bound(method, options, tmp_path):
                                        [safetensors_torch.load_file(p) for p in experts], **options))
 
 
-def test_readme_merge_snippet(tmp_path, monkeypatch):
+README_MERGES = {  # the README's merge snippets and the in-memory merge each equals
+    "merge": lambda base, experts: merging.ties_merging(base, experts, 0.3, 0.2),
+    "merge-config": lambda base, experts: merging.ties_merging(base, experts, 1.0, 0.5, True, weights=[0.5, 0.5],
+                                                               exact_count=True),
+}
+
+
+@pytest.mark.parametrize("name", list(README_MERGES))
+def test_readme_merge_snippet(name, tmp_path, monkeypatch):
     from test_snippets import snippet
 
     seed = torch.seed() % 2**31
     _, _, base_sd, expert_sds = write_models(tmp_path, seed, experts=2)
-    for name, sd in zip(("base", "expert_math", "expert_code"), [base_sd, *expert_sds]):
-        (tmp_path / name).mkdir()
-        safetensors_torch.save_file(sd, tmp_path / name / "model.safetensors")
+    for folder, sd in zip(("base", "expert_math", "expert_code"), [base_sd, *expert_sds]):
+        (tmp_path / folder).mkdir()
+        safetensors_torch.save_file(sd, tmp_path / folder / "model.safetensors")
     monkeypatch.chdir(tmp_path)
-    exec(compile(snippet("merge"), "<snippet merge>", "exec"), {})
-    assert_equal_state(read_folder(tmp_path / "merged"), merging.ties_merging(base_sd, expert_sds, 0.3, 0.2))
+    exec(compile(snippet(name), f"<snippet {name}>", "exec"), {})
+    assert_equal_state(read_folder(tmp_path / "merged"), README_MERGES[name](base_sd, expert_sds)), f"seed {seed}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Untrusted files: hostile headers and indexes, shard paths leaving the model folder
+# ---------------------------------------------------------------------------------------------
+
+def write_raw_safetensors(path: Path, header: dict, data: bytes) -> Path:
+    """A .safetensors file with exactly this header and data (no checks: hostile files)."""
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+    return path
+
+
+def run_merge_cli(args, capsys) -> tuple[int, str]:
+    """(exit code, stderr) of ``merge`` with ``args``."""
+    try:
+        code = main(["merge", *map(str, args), "--no-progress"])
+    except SystemExit as exit_info:
+        code = exit_info.code
+    return code, capsys.readouterr().err
+
+
+F32_2 = {"dtype": "F32", "shape": [2]}
+HOSTILE_HEADERS = {
+    "negative offset": ({"w": {**F32_2, "data_offsets": [-8, 0]}}, 8, "expected usize"),
+    "overlapping offsets": ({"w": {**F32_2, "data_offsets": [0, 8]}, "v": {**F32_2, "data_offsets": [4, 12]}}, 12,
+                            "invalid offset"),
+    "span is not shape x itemsize": ({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, 8,
+                                     "invalid shape, data type, or offset"),
+    "missing dtype": ({"w": {"shape": [2], "data_offsets": [0, 8]}}, 8, "missing field `dtype`"),
+    "data beyond the file": ({"w": {**F32_2, "data_offsets": [0, 8]}}, 4, "not fully covered"),
+    "huge offsets": ({"w": {**F32_2, "data_offsets": [10**16, 10**16 + 8]}}, 8, "invalid offset"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_HEADERS))
+def test_hostile_header_exits_2_naming_the_file(case, tmp_path, capsys):
+    header, size, reason = HOSTILE_HEADERS[case]
+    base = tmp_path / "base.safetensors"
+    safetensors_torch.save_file({"w": torch.zeros(2)}, base)
+    bad = write_raw_safetensors(tmp_path / "bad.safetensors", header, bytes(size))
+    code, err = run_merge_cli(["--method", "task_arithmetic", "--base", base, "--experts", bad,
+                               "--out", tmp_path / "out"], capsys)
+    assert code == 2, err
+    assert f"experts[0]: {bad} is not a valid safetensors file" in err and reason in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def sharded_expert(folder: Path, weight_map: dict) -> Path:
+    """A model folder with two tensors in one shard and an index ``{"weight_map": weight_map}``."""
+    folder.mkdir()
+    safetensors_torch.save_file({"w": torch.ones(2), "v": torch.ones(3)}, folder / "part-1.safetensors")
+    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def test_index_without_weight_map_exits_2(tmp_path, capsys):
+    folder = sharded_expert(tmp_path / "expert", {})
+    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": 20}}))
+    code, err = run_merge_cli(["--method", "weight_average", "--experts", folder, "--out", tmp_path / "out"], capsys)
+    assert code == 2 and f"experts[0]: {folder / INDEX_NAME} has no weight_map" in err and "Traceback" not in err
+    (folder / INDEX_NAME).write_text(json.dumps({"weight_map": {"w": 3}}))
+    code, err = run_merge_cli(["--method", "weight_average", "--experts", folder, "--out", tmp_path / "out"], capsys)
+    assert code == 2 and "weight_map['w'] must be a shard file name, got 3" in err
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "sub/../../outside.safetensors", "ABSOLUTE",
+                                   "link.safetensors", "passwd.safetensors"])
+def test_shard_outside_the_model_folder_is_refused(shard, tmp_path, capsys):
+    outside = tmp_path / "outside.safetensors"
+    safetensors_torch.save_file({"v": torch.full((3,), 1e16)}, outside)
+    folder = tmp_path / "models" / "expert"
+    folder.parent.mkdir()
+    name = str(outside) if shard == "ABSOLUTE" else shard
+    sharded_expert(folder, {"w": "part-1.safetensors", "v": name})
+    (folder / "link.safetensors").symlink_to(outside)
+    (folder / "passwd.safetensors").symlink_to("/etc/passwd")
+    (tmp_path / "models" / "outside.safetensors").write_bytes(outside.read_bytes())
+    code, err = run_merge_cli(["--method", "weight_average", "--experts", folder, "--out", tmp_path / "out"], capsys)
+    assert code == 2, err
+    assert f"experts[0]: {folder / INDEX_NAME}: weight_map['v'] is {name!r}" in err
+    assert ("symlink that leaves the model folder" if shard.startswith(("link", "passwd")) else
+            "absolute paths and '..' are refused") in err
+    assert "Traceback" not in err and "header" not in err and not (tmp_path / "out").exists()
+
+
+def test_text_file_as_shard_is_not_a_valid_safetensors_file(tmp_path, capsys):
+    folder = sharded_expert(tmp_path / "expert", {"w": "part-1.safetensors", "v": "notes.safetensors"})
+    (folder / "notes.safetensors").write_text("root:x:0:0:root:/root:/bin/bash\n" * 4)
+    code, err = run_merge_cli(["--method", "weight_average", "--experts", folder, "--out", tmp_path / "out"], capsys)
+    assert code == 2 and f"{folder / 'notes.safetensors'} is not a valid safetensors file" in err
+    assert "Traceback" not in err
+
+
+def test_hub_cache_snapshot_links_into_its_blobs_are_read(tmp_path):
+    """A Hugging Face hub cache snapshot: its files are symlinks into the repository's blobs/."""
+    repo = tmp_path / "models--org--expert"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    state = {"w": torch.randn(5), "v": torch.randn(2, 3)}
+    safetensors_torch.save_file(state, repo / "blobs" / "f00d")
+    (snapshot / "model.safetensors").symlink_to("../../blobs/f00d")
+    out = merge_checkpoints("weight_average", None, [snapshot], tmp_path / "out")
+    assert_equal_state(read_folder(out), state)
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "model.safetensors").symlink_to(repo / "blobs" / "f00d")
+    with pytest.raises(ValueError, match="a symlink that leaves the model folder"):
+        merge_checkpoints("weight_average", None, [tmp_path / "plain"], tmp_path / "out2")
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite values stop the merge, naming the model and the tensor, unless allowed
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method, options", [("weight_average", []), ("task_arithmetic", []), ("ties", []),
+                                             ("dare", ["--rescale", "l1"]), ("dare", ["--ties"])])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_exits_2_naming_model_and_tensor(method, options, bad, tmp_path, capsys):
+    def poison(models):
+        models[2]["head.weight"][3, 7] = bad
+
+    base, experts, _, _ = write_models(tmp_path, 6, extra=poison)
+    code, err = run_merge_cli(["--method", method, *(["--base", base] if method != "weight_average" else []),
+                               "--experts", *experts, "--out", tmp_path / "out", "--max-shard-size", "1", *options],
+                              capsys)
+    assert code == 2 and "experts[1]['head.weight'] holds a non-finite value (NaN or Inf)" in err, err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_non_finite_base_is_named(tmp_path):
+    def poison(models):
+        models[0]["norm.weight"][0] = float("-inf")
+
+    base, experts, _, _ = write_models(tmp_path, 7, extra=poison)
+    with pytest.raises(ValueError, match=r"base\['norm.weight'\] holds a non-finite value"):
+        merge_checkpoints("task_arithmetic", base, experts, tmp_path / "out")
+
+
+def test_overflowing_result_exits_2(tmp_path, capsys):
+    base, experts, _, _ = write_models(tmp_path, 8)
+    code, err = run_merge_cli(["--method", "task_arithmetic", "--base", base, "--experts", *experts,
+                               "--out", tmp_path / "out", "--scaling", "1e308"], capsys)
+    assert code == 2 and "the merged 'emb.weight' is not finite: it overflows torch.float32 (scaling 1e+308" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method, options", [("weight_average", {}), ("task_arithmetic", {}), ("ties", {}),
+                                             ("dare", {"rescale": "l1"})])
+def test_allow_non_finite_merges_as_the_in_memory_function(method, options, tmp_path):
+    seed = torch.seed() % 2**31
+
+    def poison(models):
+        models[2]["head.weight"][3, 7] = float("inf")
+        models[3]["emb.weight"][0, 0] = float("nan")
+
+    base, experts, base_sd, expert_sds = write_models(tmp_path, seed, extra=poison)
+    with pytest.raises(ValueError, match="non-finite"):
+        METHODS[method](base_sd, expert_sds, **options)
+    out = merge_checkpoints(method, base, experts, tmp_path / "out", allow_non_finite=True, **options)
+    expected = METHODS[method](base_sd, expert_sds, allow_non_finite=True, **options)
+    got = read_folder(out)
+    for key in expected:
+        assert torch.equal(got[key].nan_to_num(), expected[key].nan_to_num()), (key, seed)
+        assert torch.equal(got[key].isnan(), expected[key].isnan()), (key, seed)
+    if method in ("weight_average", "task_arithmetic"):  # the bad values stay in their own elements
+        assert got["head.weight"][3, 7] == float("inf") and got["emb.weight"][0, 0].isnan()
+        assert int(got["head.weight"].isinf().sum()) == 1 and int(got["emb.weight"].isnan().sum()) == 1
+    if method == "ties":  # a NaN magnitude is never above the threshold: trimmed
+        assert not got["emb.weight"].isnan().any() and got["head.weight"][3, 7] == float("inf")
+    if method == "dare":  # the Inf makes expert 1's L1 norm infinite: its whole tensor is non-finite
+        assert not got["head.weight"].isfinite().any()
+
+
+# ---------------------------------------------------------------------------------------------
+# Options a method does not use, empty results
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method, flags, unused, parameters", [
+    ("weight_average", ["--scaling", "0.5"], "scaling", {"lambda": 0.5}),
+    ("task_arithmetic", ["--density", "0.3"], "density", {"density": 0.3}),
+    ("task_arithmetic", ["--seed", "3"], "seed", {"seed": 3}),
+    ("ties", ["--drop-rate", "0.3"], "drop_rate", {"drop_rate": 0.3}),
+    ("ties", ["--rescale", "l1"], "rescale", {"rescale": True}),
+    ("dare", ["--density", "0.3"], "density", {"density": 0.3}),
+    ("dare", ["--per-tensor"], "per_tensor", {"per_tensor": "false"}),
+    ("weight_average", ["--merge-func", "sum"], "merge_func", {"normalize": True}),
+])
+def test_unused_option_is_refused_for_every_method(method, flags, unused, parameters, tmp_path, capsys):
+    base, experts, _, _ = write_models(tmp_path, 9)
+    code, err = run_merge_cli(["--method", method, "--base", base, "--experts", *experts, "--out", tmp_path / "out",
+                               *flags], capsys)
+    assert code == 2 and f"does not use ['{unused}']" in err and "Traceback" not in err, err
+    (tmp_path / "c.json").write_text(json.dumps({"merge_method": method, "base_model": base.name,
+                                                 "models": [{"model": e.name} for e in experts],
+                                                 "parameters": parameters}))
+    code, err = run_merge_cli(["--config", tmp_path / "c.json", "--out", tmp_path / "out"], capsys)
+    assert code == 2 and f"does not use ['{unused}']" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unused_option_is_refused_in_memory():
+    base = {"w": torch.zeros(3)}
+    with pytest.raises(ValueError, match=r"dare without ties does not use \['density'\]"):
+        merging.dare(base, [base], density=0.3)
+    with pytest.raises(ValueError, match=r"dare without ties does not use \['per_tensor'\]"):
+        merging.dare(base, [base], per_tensor=False)
+    assert torch.equal(merging.dare(base, [base], ties=True, density=0.3)["w"], base["w"])
+
+
+@pytest.mark.parametrize("case", ["no tensors", "no common key"])
+def test_empty_result_is_refused(case, tmp_path, capsys):
+    if case == "no tensors":
+        paths = [write_raw_safetensors(tmp_path / f"m{i}.safetensors", {"__metadata__": {"format": "pt"}}, b"")
+                 for i in range(3)]
+        flags = []
+    else:
+        paths = [tmp_path / f"m{i}.safetensors" for i in range(3)]
+        for i, path in enumerate(paths):
+            safetensors_torch.save_file({f"w{i}": torch.ones(2)}, path)
+        flags = ["--keys", "intersection"]
+    code, err = run_merge_cli(["--method", "task_arithmetic", "--base", paths[0], "--experts", *paths[1:],
+                               "--out", tmp_path / "out", *flags], capsys)
+    assert code == 2 and "the merge has no tensors to write" in err and not (tmp_path / "out").exists(), err
+
+
+# ---------------------------------------------------------------------------------------------
+# The output folder: symlinks, free space, a full disk, signals, partial folders of killed merges
+# ---------------------------------------------------------------------------------------------
+
+def test_out_symlink_is_refused_before_reading(tmp_path, monkeypatch):
+    base, experts, _, _ = write_models(tmp_path, 10)
+    (tmp_path / "target").mkdir()
+    (tmp_path / "out").symlink_to(tmp_path / "target")
+    monkeypatch.setattr(SafetensorsSource, "__init__", lambda *a: pytest.fail("an input was read"))
+    with pytest.raises(FileExistsError, match=r"out: .*out is a symlink \(to .*target\)"):
+        merge_checkpoints("ties", base, experts, tmp_path / "out")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(FileExistsError, match="is a symlink"):
+        merge_checkpoints("ties", base, experts, tmp_path / "dangling")
+
+
+def test_free_space_is_checked_before_float_tensors_are_read(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from mergopt_kernels.merge import task_vectors
+
+    base, experts, _, _ = write_models(tmp_path, 11)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: namedtuple("usage", "total used free")(10**6, 0, 1000))
+    monkeypatch.setattr(task_vectors.TaskVectors, "__init__", lambda *a: pytest.fail("a tensor was merged"))
+    with pytest.raises(OSError, match=rf"out: {tmp_path} has 1,000 bytes free; the merged model needs"):
+        merge_checkpoints("ties", base, experts, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_disk_full_names_the_file(tmp_path, monkeypatch):
+    import errno
+    import io
+
+    from mergopt_kernels import merge_io
+
+    class FullDisk(io.BytesIO):
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    base, experts, _, _ = write_models(tmp_path, 12)
+    monkeypatch.setattr(merge_io, "open", lambda path, mode: FullDisk(), raising=False)
+    with pytest.raises(OSError, match=r"writing .*\.out\.partial-\d+-[0-9a-f]{8}/model.safetensors failed: "
+                                      r"No space left on device"):
+        merge_checkpoints("task_arithmetic", base, experts, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_partial_folder_of_a_killed_merge_is_removed_by_the_next_merge(tmp_path):
+    import subprocess
+    import sys
+
+    base, experts, base_sd, expert_sds = write_models(tmp_path, 13)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    stale = tmp_path / f".out.partial-{int(dead.stdout)}-0123abcd"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(bytes(1000))
+    with subprocess.Popen(["sleep", "60"]) as running:
+        busy = tmp_path / f".out.partial-{running.pid}-89abcdef"
+        busy.mkdir()
+        other = tmp_path / ".other.partial-1-0123abcd"
+        other.mkdir()
+        with pytest.warns(UserWarning) as record:
+            out = merge_checkpoints("task_arithmetic", base, experts, tmp_path / "out")
+        running.kill()
+    messages = [str(w.message) for w in record]
+    assert f"removed {stale}, the partial output of an interrupted merge (process {int(dead.stdout)})" in messages
+    assert any(f"{busy} is the partial output of process {running.pid}, which still runs" in m for m in messages)
+    assert not stale.exists() and busy.exists() and other.exists()
+    assert_equal_state(read_folder(out), merging.task_arithmetic(base_sd, expert_sds))
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_signal_removes_the_partial_folder(signame, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from bench.merge_memory import write_models as write_large
+
+    base, experts = write_large(tmp_path, 1 << 21, 2)
+    script = ("import sys; from mergopt_kernels.merge_io import merge_checkpoints; "
+              "merge_checkpoints('dare', sys.argv[1], sys.argv[2:4], sys.argv[4], ties=True, max_shard_size=1)")
+    root = Path(__file__).resolve().parent.parent
+    process = subprocess.Popen([sys.executable, "-c", script, str(base), *map(str, experts), str(tmp_path / "out")],
+                               cwd=root, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.partial-*/*.safetensors")) and process.poll() is None:
+        assert time.monotonic() < deadline, "the merge never started writing"
+        time.sleep(0.01)
+    process.send_signal(getattr(signal, signame))
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + getattr(signal, signame), err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+
+def test_copied_config_file_leaving_the_folder_is_refused(tmp_path, capsys):
+    folder = tmp_path / "base"
+    folder.mkdir()
+    safetensors_torch.save_file({"w": torch.ones(2)}, folder / "model.safetensors")
+    (folder / "tokenizer.json").symlink_to("/etc/passwd")
+    code, err = run_merge_cli(["--method", "weight_average", "--experts", folder, "--out", tmp_path / "out"], capsys)
+    assert code == 2 and f"experts[0]: {folder / 'tokenizer.json'} is 'tokenizer.json', a symlink that leaves" in err
+    assert not (tmp_path / "out").exists()
