@@ -148,7 +148,7 @@ def run_demo_command(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     from .demo import format_table, run_demo, summarise, write_outputs
     from .demo.lm_experiment import run_lm_demo
     from .demo.report import (format_lambda_sweep, format_matched_norm, format_sweep, format_verdicts, lambda_summary,
-                              low_loss_share, verdicts)
+                              lambda_verdicts, low_loss_share, verdicts)
 
     start = time.perf_counter()
     torch.set_num_threads(args.threads)
@@ -172,7 +172,7 @@ def run_demo_command(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     metric = ("Task score: exact match (python: next-char accuracy)" if args.protocol == "lm"
               else "Test accuracy")
     print(format_table(summarise(results["accuracy"]), results["tasks"], config.seeds, metric))
-    print(format_verdicts(verdicts(results["accuracy"])))
+    print(format_verdicts(verdicts(results["accuracy"]) + lambda_verdicts(results["lambda_sweep"])))
     print(format_lambda_sweep(lambda_summary(results["lambda_sweep"]), results["lambda_sweep"]["lambdas"]))
     if results["sweep"]:
         print(format_sweep(results))

@@ -22,7 +22,7 @@ from mergopt_kernels.demo.finetune import (MAIN_OPTIMIZERS, OPTIMIZERS, Finetune
                                            make_optimizer, make_scheduler, mean_abs_scale, train_expert)
 from mergopt_kernels.demo.model import PretrainConfig, pretrain
 from mergopt_kernels.demo.protocol import LAMBDAS, MATCH_TOLERANCE, match_lr, task_vector_norm
-from mergopt_kernels.demo.report import LABELS, lambda_summary, paired_interval, verdicts
+from mergopt_kernels.demo.report import LABELS, lambda_summary, lambda_verdicts, paired_interval, verdicts
 from mergopt_kernels.demo.tasks import DEFAULT_TASKS, load_digit_splits, make_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,7 +125,8 @@ def test_quick_demo_writes_results_and_figures(quick_results):
     assert len(data["matched_norm"]) == len(DEFAULT_TASKS)
     assert all(abs(entry["ratio"] - 1) <= MATCH_TOLERANCE for entry in data["matched_norm"])
     assert {(v["control"], v["method"]) for v in data["verdicts"]} == {
-        (kind, method) for kind in OPTIMIZERS if kind != "mergopt" for method in ("individual", *MERGES)}
+        (kind, method) for kind in OPTIMIZERS if kind != "mergopt"
+        for method in ("individual", *MERGES, "lambda best", "lambda area")}
 
 
 def test_quick_demo_prints_every_row_and_the_lambda_areas(quick_results):
@@ -355,3 +356,6 @@ def test_lambda_summary_known_answers():
     assert adamw["best_lambda"] == 0.2 and adamw["best_gain"] is None
     assert mergopt["best"] == pytest.approx(70.0) and mergopt["curve"] == pytest.approx([50.0, 70.0, 55.0])
     assert mergopt["best_gain"]["mean"] == pytest.approx(100 * (0.0 / 60 + 10.0 / 70) / 2)
+    found = {entry["method"]: entry for entry in lambda_verdicts(sweep)}
+    assert set(found) == {"lambda best", "lambda area"} and found["lambda best"]["mean"] == mergopt["best_gain"]["mean"]
+    assert found["lambda area"]["mean"] == pytest.approx(mergopt["area_gain"]["mean"])

@@ -102,12 +102,9 @@ def verdicts(accuracy: dict[str, list[list[float]]]) -> list[dict]:
     return result
 
 
-def lambda_summary(lambda_sweep: dict) -> list[dict]:
-    """Task arithmetic's lambda sweep per optimizer: per seed the curve of the average score (%)
-    over ``lambdas``, its best value and its area (trapezoids, divided by the lambda range: the
-    curve's mean height, in %); the mean of each over seeds (``best``, ``area``), the lambda of
-    the best point of the seed-mean curve (``best_lambda``), and for non-AdamW rows the
-    seed-paired relative gains over AdamW (``best_gain``, ``area_gain``: ``paired_interval``)."""
+def _lambda_stats(lambda_sweep: dict) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
+    """(lambdas, per optimizer the ``[seeds, lambdas]`` curves of the average score in %, per
+    optimizer ``{"best", "area"}`` per seed)."""
     lambdas = np.asarray(lambda_sweep["lambdas"], dtype=np.float64)
     curves = {kind: 100 * np.asarray(scores, dtype=np.float64).mean(2) for kind, scores in lambda_sweep["scores"].items()}
     span = lambdas[-1] - lambdas[0]
@@ -115,6 +112,16 @@ def lambda_summary(lambda_sweep: dict) -> list[dict]:
     stats = {kind: {"best": curve.max(1),
                     "area": (width * (curve[:, 1:] + curve[:, :-1]) / 2).sum(1) / span if span > 0 else curve[:, 0]}
              for kind, curve in curves.items()}
+    return lambdas, curves, stats
+
+
+def lambda_summary(lambda_sweep: dict) -> list[dict]:
+    """Task arithmetic's lambda sweep per optimizer: per seed the curve of the average score (%)
+    over ``lambdas``, its best value and its area (trapezoids, divided by the lambda range: the
+    curve's mean height, in %); the mean of each over seeds (``best``, ``area``), the lambda of
+    the best point of the seed-mean curve (``best_lambda``), and for non-AdamW rows the
+    seed-paired relative gains over AdamW (``best_gain``, ``area_gain``: ``paired_interval``)."""
+    lambdas, curves, stats = _lambda_stats(lambda_sweep)
     result = []
     for kind, curve in curves.items():
         entry = {"optimizer": kind, "curve": curve.mean(0).tolist(),
@@ -126,6 +133,14 @@ def lambda_summary(lambda_sweep: dict) -> list[dict]:
                 entry[f"{name}_gain"] = paired_interval(relative_gain(stats[kind][name], stats[BASELINE][name]))
         result.append(entry)
     return result
+
+
+def lambda_verdicts(lambda_sweep: dict) -> list[dict]:
+    """``verdicts`` of MergOPT's best-lambda score (method ``"lambda best"``) and of its area under
+    the lambda curve (``"lambda area"``) against every other row."""
+    _, _, stats = _lambda_stats(lambda_sweep)
+    return verdicts({f"lambda {name}/{kind}": (values[:, None] / 100).tolist()
+                     for name in ("best", "area") for kind, by_name in stats.items() for values in [by_name[name]]})
 
 
 def _aligned(rows: list[list]) -> list[str]:
@@ -270,7 +285,7 @@ def write_outputs(results: dict, out_dir) -> dict[str, Path]:
         title=f"Task arithmetic of the {len(results['tasks'])} experts, mean over {results['config']['seeds']} seed(s)")
     data = {key: value for key, value in results.items() if key != "artifacts"}
     data["summary"] = summarise(results["accuracy"])
-    data["verdicts"] = verdicts(results["accuracy"])
+    data["verdicts"] = verdicts(results["accuracy"]) + lambda_verdicts(sweep)
     data["lambda_summary"] = lambdas_entries
     data["landscape"]["low_loss_share"] = {kind: low_loss_share(grid) for kind, grid in artifacts["grids"].items()}
     data["landscape"]["color_range"] = list(color_range)
