@@ -18,7 +18,7 @@ import torch
 from mergopt_kernels import noise
 from mergopt_kernels.__main__ import main
 from mergopt_kernels.demo import MERGES, quick_config, run_demo, summarise
-from mergopt_kernels.demo.finetune import (MAIN_OPTIMIZERS, OPTIMIZERS, FinetuneConfig, arm_recipe, finetune,
+from mergopt_kernels.demo.finetune import (MAIN_OPTIMIZERS, OPTIMIZERS, FinetuneConfig, Recipe, arm_recipe, finetune,
                                            make_optimizer, make_scheduler, mean_abs_scale, train_expert)
 from mergopt_kernels.demo.model import PretrainConfig, pretrain
 from mergopt_kernels.demo.protocol import LAMBDAS, MATCH_TOLERANCE, match_lr, task_vector_norm
@@ -199,8 +199,7 @@ def test_control_recipes():
     lr, wd, b = 3e-4, 1e-3, 0.0125
     recipes = {kind: arm_recipe(kind, lr, wd, b, matched_lr=2e-4) for kind in OPTIMIZERS}
     assert recipes["adamw"].optimizer == "adamw" and recipes["adamw"].schedule == "warmup_linear"
-    assert recipes["adamw_constant"] == arm_recipe("adamw", lr, wd, b).__class__(
-        "adamw", lr, wd, schedule="constant")
+    assert recipes["adamw_constant"] == Recipe("adamw", lr, wd, schedule="constant")
     assert recipes["adamw_matched"].lr == 2e-4 and recipes["adamw_matched"].schedule == "warmup_linear"
     assert recipes["mergopt"].noise_scale == b and recipes["control"].noise_scale == 0.0
     assert recipes["mergopt_gaussian"].distribution == "gaussian"
@@ -359,3 +358,29 @@ def test_lambda_summary_known_answers():
     found = {entry["method"]: entry for entry in lambda_verdicts(sweep)}
     assert set(found) == {"lambda best", "lambda area"} and found["lambda best"]["mean"] == mergopt["best_gain"]["mean"]
     assert found["lambda area"]["mean"] == pytest.approx(mergopt["area_gain"]["mean"])
+
+
+def test_merges_at_the_published_code_settings():
+    seed = random.randrange(2**32)
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {"a": (7, 13), "b": (1,), "c": (1001,)}
+    base = {k: torch.randn(shape, generator=gen) for k, shape in shapes.items()}
+    experts = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(3)]
+    merged = MERGES["ties_paper"](base, experts, 0)
+    for key, value in base.items():
+        total = torch.zeros_like(value, dtype=torch.float64)
+        for expert in experts:
+            tau = (expert[key] - value).double().flatten()
+            keep = max(1, math.floor(0.3 * tau.numel() + 0.5))
+            trimmed = torch.zeros_like(tau)
+            top = tau.abs().topk(keep).indices
+            trimmed[top] = tau[top]
+            total += trimmed.view(value.shape)
+        torch.testing.assert_close(merged[key].double(), value.double() + 0.3 * total, rtol=0, atol=1e-5,
+                                   msg=f"{key}, seed {seed}")
+    # DARE at drop 0.9: about a tenth of each task vector survives, scaled by 1 / 0.1, then lambda 0.3.
+    single = MERGES["dare_paper"](base, experts[:1], seed)
+    tau, kept = experts[0]["c"] - base["c"], single["c"] - base["c"]
+    survivors = kept.abs() > 1e-6
+    assert abs(float(survivors.double().mean()) - 0.1) < 5 * math.sqrt(0.09 / 1001), f"seed {seed}"
+    torch.testing.assert_close(kept[survivors], 3.0 * tau[survivors], rtol=1e-4, atol=1e-6, msg=f"seed {seed}")

@@ -139,8 +139,8 @@ def lambda_verdicts(lambda_sweep: dict) -> list[dict]:
     """``verdicts`` of MergOPT's best-lambda score (method ``"lambda best"``) and of its area under
     the lambda curve (``"lambda area"``) against every other row."""
     _, _, stats = _lambda_stats(lambda_sweep)
-    return verdicts({f"lambda {name}/{kind}": (values[:, None] / 100).tolist()
-                     for name in ("best", "area") for kind, by_name in stats.items() for values in [by_name[name]]})
+    return verdicts({f"lambda {name}/{kind}": (by_name[name][:, None] / 100).tolist()
+                     for name in ("best", "area") for kind, by_name in stats.items()})
 
 
 def _aligned(rows: list[list]) -> list[str]:
