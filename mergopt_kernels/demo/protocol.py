@@ -170,12 +170,13 @@ def run_protocol(protocol: Protocol, seeds: int, merges: Sequence[str], noise_sc
             bar.update()
         return experts[key]
 
-    def recipe(kind: str, scale: float, matched: Sequence[float] | None = None, index: int = 0) -> Recipe:
-        return arm_recipe(kind, protocol.lr, protocol.weight_decay, scale, protocol.distribution,
-                          None if matched is None else matched[index])
+    def recipe(kind: str, scale: float, matched_lr: float | None = None) -> Recipe:
+        return arm_recipe(kind, protocol.lr, protocol.weight_decay, scale, protocol.distribution, matched_lr)
 
     def train(kind: str, seed: int, scale: float, matched: Sequence[float] | None = None) -> list[StateDict]:
-        return [train_one(recipe(kind, scale, matched, index), seed, index) for index in range(count)]
+        """The experts of row ``kind`` for every task (``matched``: the matched lr per task)."""
+        return [train_one(recipe(kind, scale, None if matched is None else matched[index]), seed, index)
+                for index in range(count)]
 
     def score_all(state: StateDict) -> list[float]:
         return [protocol.score(state, index) for index in range(count)]
@@ -190,7 +191,7 @@ def run_protocol(protocol: Protocol, seeds: int, merges: Sequence[str], noise_sc
         for index, (adamw, mergopt) in enumerate(zip(pilot, train("mergopt", 0, scale))):
             def norm_at(lr: float, index=index) -> float:
                 bar.total += 1
-                return task_vector_norm(base, train_one(recipe("adamw_matched", scale, [lr]), 0, index))
+                return task_vector_norm(base, train_one(recipe("adamw_matched", scale, lr), 0, index))
 
             matched_norm.append(match_lr(norm_at, protocol.lr, task_vector_norm(base, adamw),
                                          task_vector_norm(base, mergopt)))
