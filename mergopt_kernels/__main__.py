@@ -59,13 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(missing_extra=missing)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
-        "demo", help="fine-tune experts with AdamW and MergOPT, merge them, print the table"
+        "demo", help="fine-tune experts with AdamW, MergOPT and controls, merge them, print the tables"
                      + (f" (needs the [demo] extra: {INSTALL_DEMO})" if missing else ""),
         description="Pre-train a base (--protocol digits: an MLP on scikit-learn's digits; --protocol lm: a "
                     "small GPT-style language model on seven generated or standard-library sequence tasks), "
-                    "fine-tune one expert per task with AdamW, FusedMergOptAdamW and its noise-off control, "
-                    "merge each set of experts and evaluate the merged models on every task (mean ± std over "
-                    "seeds). Offline, CPU or CUDA.")
+                    "fine-tune one expert per task with AdamW, FusedMergOptAdamW, its noise-off control and four "
+                    "controls (AdamW at the lr matching MergOPT's task-vector norm, MergOPT with Gaussian noise, "
+                    "MergOPT with a fixed s, AdamW at a constant lr), merge each set of experts, sweep task "
+                    "arithmetic's lambda and evaluate the merged models on every task (mean ± std over seeds, "
+                    "seed-paired gains with 95%% intervals, a verdict per control). Offline, CPU or CUDA.")
     demo.add_argument("--protocol", choices=("digits", "lm"), default="digits",
                       help="digits: an MLP on five views of scikit-learn's digits (default); lm: a small "
                            "GPT-style language model pre-trained here, seven experts on seven sequence tasks")
@@ -87,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="MergOPT noise distribution (default laplace)")
     demo.add_argument("--merges", nargs="+", choices=list(merges) or None, default=None, metavar="METHOD",
                       help=f"merge methods; choices {list(merges)}; default all")
+    demo.add_argument("--no-controls", action="store_true",
+                      help="run AdamW, MergOPT and the noise-off control only, without the four control rows "
+                           "(matched norm, Gaussian, fixed s, constant lr)")
     demo.add_argument("--quick", action="store_true",
                       help="every stage, quickly: 1 seed, 1 epoch, 5x5 landscape (lm: a smaller base too)")
     demo.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default ./{DEFAULT_OUT})")
@@ -114,7 +119,7 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser):
         parser.error("--large and --quick exclude each other")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     overrides = dict(device=device, distribution=args.distribution, noise_scale=args.noise_scale,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, controls=not args.no_controls)
     if args.protocol == "lm":
         config = lm_quick_config() if args.quick else lm_gpu_config() if args.large else LMDemoConfig()
         overrides["cache_dir"] = args.cache_dir or _default_cache_dir()
@@ -142,7 +147,8 @@ def run_demo_command(args: argparse.Namespace, parser: argparse.ArgumentParser) 
 
     from .demo import format_table, run_demo, summarise, write_outputs
     from .demo.lm_experiment import run_lm_demo
-    from .demo.report import format_sweep, low_loss_share
+    from .demo.report import (format_lambda_sweep, format_matched_norm, format_sweep, format_verdicts, lambda_summary,
+                              lambda_verdicts, low_loss_share, verdicts)
 
     start = time.perf_counter()
     torch.set_num_threads(args.threads)
@@ -160,10 +166,14 @@ def run_demo_command(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     print(f"MergOPT noise: {config.distribution}, scale {noise['scale']:.3g} (from the {noise['source']})")
     print(f"control (FusedMergOptAdamW, noise off) vs torch.optim.AdamW: largest weight difference "
           f"{max(results['control_max_abs_diff']):.2e}")
+    if results["matched_norm"]:
+        print(format_matched_norm(results["matched_norm"], results["tasks"], config.finetune.lr))
     print()
     metric = ("Task score: exact match (python: next-char accuracy)" if args.protocol == "lm"
               else "Test accuracy")
     print(format_table(summarise(results["accuracy"]), results["tasks"], config.seeds, metric))
+    print(format_verdicts(verdicts(results["accuracy"]) + lambda_verdicts(results["lambda_sweep"])))
+    print(format_lambda_sweep(lambda_summary(results["lambda_sweep"]), results["lambda_sweep"]["lambdas"]))
     if results["sweep"]:
         print(format_sweep(results))
     grids = results["artifacts"]["grids"]

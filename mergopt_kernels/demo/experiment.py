@@ -1,6 +1,7 @@
 """The demo experiment: pre-train a base, calibrate the noise scale, fine-tune experts with
-AdamW, MergOPT and the noise-off control over several seeds, merge each set of experts, and
-evaluate every model on every task (paper Table 1, Fig. 1 and Fig. 2 at toy scale)."""
+AdamW, MergOPT, the noise-off control and the four controls of ``finetune`` over several seeds,
+merge each set of experts, and evaluate every model on every task (paper Table 1, Fig. 1 and
+Fig. 2 at toy scale)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .finetune import FinetuneConfig, finetune
+from .finetune import FinetuneConfig, Recipe, finetune_recipe
 from .model import PretrainConfig, pretrain, task_accuracy, task_loss
 from .protocol import MERGES, Protocol, check_settings, StateDict, noise_seed, run_protocol
 from .tasks import DEFAULT_TASKS, VIEWS, check_task_names, load_digit_splits, make_tasks
@@ -26,6 +27,7 @@ class DemoConfig:
             fine-tunes (those of seed 0) and uses its ``b``, as the paper chose its ``b``.
         distribution: ``"laplace"`` or ``"gaussian"`` noise.
         merges: merge methods (keys of ``MERGES``).
+        controls: also run the four control rows (matched norm, Gaussian, fixed s, constant lr).
         landscape_points: grid size per axis of the two-expert merge landscape over
             [0, protocol.LANDSCAPE_MAX]^2 (seed 0, the first two tasks).
         device: torch device for training and evaluation.
@@ -37,6 +39,7 @@ class DemoConfig:
     noise_scale: float | None = None
     distribution: str = "laplace"
     merges: tuple[str, ...] = tuple(MERGES)
+    controls: bool = True
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     landscape_points: int = 11
@@ -60,10 +63,8 @@ def run_demo(config: DemoConfig) -> dict:
     """Run the digits experiment and return its results (JSON-serialisable, plus ``"artifacts"``:
     tensors and grids for the figures, which ``report.write_outputs`` consumes).
 
-    Result keys: ``config``, ``tasks``, ``noise`` (the scale used and the Laplace fit),
-    ``accuracy`` (row -> per-seed lists of per-task accuracies), ``control_max_abs_diff``
-    (per seed, the largest |control - AdamW| weight over all experts), ``sweep`` (empty here),
-    ``landscape``, ``wall_time_s``.
+    Result keys: those of ``protocol.run_protocol`` (``sweep`` empty here) plus ``config``,
+    ``tasks`` and ``wall_time_s``.
     """
     config.check()
     start = time.perf_counter()
@@ -73,9 +74,9 @@ def run_demo(config: DemoConfig) -> dict:
     # The base is pre-trained on every view, whichever tasks are chosen.
     model, base = pretrain(make_tasks(VIEWS, splits), config.pretrain, device)
 
-    def expert(kind: str, index: int, seed: int, scale: float) -> StateDict:
-        return finetune(model, base, tasks[index], kind, config.finetune, data_seed=seed, noise_scale=scale,
-                        distribution=config.distribution, noise_seed=noise_seed(seed, index))
+    def expert(recipe: Recipe, index: int, seed: int) -> StateDict:
+        return finetune_recipe(model, base, tasks[index], recipe, config.finetune, data_seed=seed,
+                               noise_seed=noise_seed(seed, index))
 
     def score(state: StateDict, index: int) -> float:
         model.load_state_dict(state)
@@ -85,7 +86,9 @@ def run_demo(config: DemoConfig) -> dict:
         model.load_state_dict(state)
         return task_loss(model, tasks[0]) + task_loss(model, tasks[1])
 
-    results = run_protocol(Protocol(base, config.tasks, expert, score, joint_loss), config.seeds, config.merges,
-                           config.noise_scale, config.landscape_points, progress=config.progress)
+    protocol = Protocol(base, config.tasks, config.finetune.lr, config.finetune.weight_decay, config.distribution,
+                        expert, score, joint_loss)
+    results = run_protocol(protocol, config.seeds, config.merges, config.noise_scale, config.landscape_points,
+                           progress=config.progress, controls=config.controls)
     return {"config": asdict(config), "tasks": [task.name for task in tasks], **results,
             "wall_time_s": time.perf_counter() - start}

@@ -1,7 +1,8 @@
 """The language-model experiment (``demo --protocol lm``): pre-train a small GPT-style LM on the
 mixture of seven sequence tasks (or load it from the cache), then run the paper's protocol with
-seven experts (K_max = 7): AdamW, MergOPT and the noise-off control, four merges, the noise-scale
-sweep of Table 11 and the merge landscape of the first two tasks."""
+seven experts (K_max = 7): AdamW, MergOPT, the noise-off control and the four controls of
+``finetune``, the merges, task arithmetic's lambda sweep, the noise-scale sweep of Table 11 and
+the merge landscape of the first two tasks."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .finetune import make_optimizer, train_expert
+from .finetune import Recipe, train_recipe
 from .lm_model import (GPTConfig, LMPretrainConfig, count_parameters, lm_loss, load_or_pretrain, task_metric,
-                       task_test_loss, warmup_linear)
+                       task_test_loss)
 from .lm_tasks import LM_TASKS, Sequences, make_lm_task, pretraining_mixture, vocab_size
 from .protocol import MERGES, Protocol, StateDict, check_settings, noise_seed, run_protocol
 from .tasks import check_task_names
@@ -23,7 +24,7 @@ FITTED_MULTIPLES = (0.5, 2.0)
 
 @dataclass(frozen=True)
 class LMFinetuneConfig:
-    """Fine-tuning of one expert, the same for all three optimizers: the paper's recipe (AdamW,
+    """Fine-tuning of one expert, the same for every row of the table: the paper's recipe (AdamW,
     weight decay 1e-3, small batch, a few epochs) with the lr scaled up for a model of ~10^5
     rather than 10^9 parameters, and a linear warm-up (first tenth) then linear decay to 0."""
 
@@ -44,6 +45,7 @@ class LMDemoConfig:
         noise_scale: MergOPT's b; ``None`` fits a Laplace to the seed-0 AdamW task vectors.
         distribution: ``"laplace"`` or ``"gaussian"``.
         merges: keys of ``MERGES``.
+        controls: also run the four control rows (matched norm, Gaussian, fixed s, constant lr).
         sweep: the b values swept at seed 0: (paper values, multiples of the fitted b).
         model, pretrain: the base's shape and pre-training (both part of the cache key).
         pretrain_examples: pre-training examples per task.
@@ -59,6 +61,7 @@ class LMDemoConfig:
     noise_scale: float | None = None
     distribution: str = "laplace"
     merges: tuple[str, ...] = tuple(MERGES)
+    controls: bool = True
     sweep: tuple[tuple[float, ...], tuple[float, ...]] = (PAPER_SWEEP, FITTED_MULTIPLES)
     model: GPTConfig = field(default_factory=lambda: GPTConfig(width=64, layers=4, heads=4, context=64))
     pretrain: LMPretrainConfig = field(default_factory=LMPretrainConfig)
@@ -127,12 +130,9 @@ def run_lm_demo(config: LMDemoConfig) -> dict:
                                           config.progress)
     steps = config.finetune.epochs * -(-config.finetune.train_examples // config.finetune.batch_size)
 
-    def expert(kind: str, index: int, seed: int, scale: float) -> StateDict:
-        model.load_state_dict(base)
-        opt = make_optimizer(kind, model.parameters(), config.finetune.lr, config.finetune.weight_decay, scale,
-                             config.distribution, noise_seed(seed, index))
-        schedule = torch.optim.lr_scheduler.LambdaLR(opt, warmup_linear(steps))
-        return train_expert(model, opt, _epochs(tasks[index].train, config.finetune, seed), lm_loss, schedule)
+    def expert(recipe: Recipe, index: int, seed: int) -> StateDict:
+        return train_recipe(model, base, recipe, _epochs(tasks[index].train, config.finetune, seed), steps, lm_loss,
+                            noise_seed(seed, index))
 
     def score(state: StateDict, index: int) -> float:
         model.load_state_dict(state)
@@ -144,8 +144,10 @@ def run_lm_demo(config: LMDemoConfig) -> dict:
 
     model.load_state_dict(base)
     base_losses = {task.name: task_test_loss(model, task) for task in tasks}
-    results = run_protocol(Protocol(base, config.tasks, expert, score, joint_loss), config.seeds, config.merges,
-                           config.noise_scale, config.landscape_points, config.sweep, config.progress)
+    protocol = Protocol(base, config.tasks, config.finetune.lr, config.finetune.weight_decay, config.distribution,
+                        expert, score, joint_loss)
+    results = run_protocol(protocol, config.seeds, config.merges, config.noise_scale, config.landscape_points,
+                           config.sweep, config.progress, config.controls)
     return {"config": asdict(config), "tasks": list(config.tasks),
             "metric": {task.name: "exact match" if task.answer_length else "next-char accuracy" for task in tasks},
             "base": {"parameters": count_parameters(config.model, vocab_size()), "cache": cache,

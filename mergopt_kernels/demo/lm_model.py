@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .finetune import warmup_linear
 from .lm_tasks import PAD, LMTask, Sequences, vocab_size
 
 BASE_CACHE_FORMAT = 1  # bump when the cached file's layout or the training code changes
@@ -101,12 +102,6 @@ class LMPretrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.01
     seed: int = 0
-
-
-def warmup_linear(total_steps: int, warmup_fraction: float = 0.1):
-    """LambdaLR multiplier: linear warm-up over ``warmup_fraction`` of ``total_steps``, then linear decay to 0."""
-    warmup = max(1, int(warmup_fraction * total_steps))
-    return lambda step: min((step + 1) / warmup, max(0.0, (total_steps - step) / max(1, total_steps - warmup)))
 
 
 def _batches(data: Sequences, batch_size: int, steps: int, gen: torch.Generator):

@@ -1,10 +1,13 @@
 """The paper's protocol, shared by the demo's digits and language-model experiments: fit the noise
-scale to pilot AdamW task vectors, fine-tune one expert per task with AdamW, MergOPT and the
-noise-off control over several seeds, merge each set of experts, score every model on every task,
-sweep the noise scale (paper Table 11) and draw the two-expert merge landscape (Fig. 2)."""
+scale to pilot AdamW task vectors, find the matched-norm AdamW lr per task, fine-tune one expert
+per task for every row of ``finetune.OPTIMIZERS`` over several seeds (same base, data order and
+noise seed per seed), merge each set of experts, sweep task arithmetic's lambda, score every model
+on every task, sweep the noise scale (paper Table 11) and draw the two-expert merge landscape
+(Fig. 2)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -13,18 +16,35 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import analysis, merging
-from .finetune import OPTIMIZERS
+from .finetune import MAIN_OPTIMIZERS, OPTIMIZERS, Recipe, arm_recipe
 
 StateDict = dict[str, torch.Tensor]
 
-# Merge methods with the paper's settings: (base, experts, seed) -> merged state dict.
+MERGE_SCALING = 0.3  # lambda of task arithmetic, TIES and DARE in the table
+
+
+def _ties_as_published(base: StateDict, experts: list[StateDict], seed: int) -> StateDict:
+    """TIES as the paper's published code runs it: each task vector trimmed to its top 30 %
+    magnitudes per tensor, the trimmed vectors summed (no sign election, no disjoint mean)."""
+    trimmed = [merging.ties_merging(base, [expert], scaling=1.0, density=0.3, per_tensor=True) for expert in experts]
+    return merging.task_arithmetic(base, trimmed, scaling=MERGE_SCALING)
+
+
+# Merge methods: (base, experts, seed) -> merged state dict. The first four with FusionBench's
+# settings, the last two with those of the paper's published code (DARE drop 0.9; TIES above).
 MERGES: dict[str, Callable[[StateDict, list[StateDict], int], StateDict]] = {
     "weight_average": lambda base, experts, seed: merging.weight_average(experts),
-    "task_arithmetic": lambda base, experts, seed: merging.task_arithmetic(base, experts, scaling=0.3),
-    "ties": lambda base, experts, seed: merging.ties_merging(base, experts, scaling=0.3, density=0.2),
-    "dare": lambda base, experts, seed: merging.dare(base, experts, scaling=0.3, drop_rate=0.5, seed=seed),
+    "task_arithmetic": lambda base, experts, seed: merging.task_arithmetic(base, experts, scaling=MERGE_SCALING),
+    "ties": lambda base, experts, seed: merging.ties_merging(base, experts, scaling=MERGE_SCALING, density=0.2),
+    "dare": lambda base, experts, seed: merging.dare(base, experts, scaling=MERGE_SCALING, drop_rate=0.5, seed=seed),
+    "ties_paper": _ties_as_published,
+    "dare_paper": lambda base, experts, seed: merging.dare(base, experts, scaling=MERGE_SCALING, drop_rate=0.9,
+                                                           seed=seed),
 }
+LAMBDAS = tuple(round(0.1 * i, 1) for i in range(1, 11))  # task arithmetic's lambda sweep, 0.1 .. 1.0
 LANDSCAPE_MAX = 2.0  # the landscape grid spans merge coefficients [0, LANDSCAPE_MAX] per expert
+MATCH_TOLERANCE = 0.002  # the matched-norm search stops within 0.2 % of MergOPT's norm
+MATCH_TRIALS = 4  # at most this many extra pilot runs per task
 
 
 @dataclass(frozen=True)
@@ -34,15 +54,20 @@ class Protocol:
     Attributes:
         base: the pre-trained state dict.
         tasks: task names, at least two.
-        finetune: ``(kind, task index, seed, noise scale) -> expert state dict`` for a kind of
-            ``OPTIMIZERS``; the seed sets the data order, the noise seed derives from it.
+        lr, weight_decay, distribution: the shared fine-tuning settings (peak lr) and MergOPT's noise
+            distribution, from which every row's ``Recipe`` is built (``finetune.arm_recipe``).
+        finetune: ``(recipe, task index, seed) -> expert state dict``; the seed sets the data
+            order, the noise seed derives from it (``noise_seed``).
         score: ``(state dict, task index) -> score in [0, 1]`` (higher is better).
         joint_loss: ``state dict -> float``, the loss the landscape shows (the first two tasks).
     """
 
     base: StateDict
     tasks: Sequence[str]
-    finetune: Callable[[str, int, int, float], StateDict]
+    lr: float
+    weight_decay: float
+    distribution: str
+    finetune: Callable[[Recipe, int, int], StateDict]
     score: Callable[[StateDict, int], float]
     joint_loss: Callable[[StateDict], float]
 
@@ -69,6 +94,38 @@ def _max_abs_diff(a: StateDict, b: StateDict) -> float:
     return max(float((a[key] - b[key]).abs().max()) for key in a)
 
 
+def task_vector_norm(base: StateDict, expert: StateDict) -> float:
+    """L2 norm of the task vector ``expert - base`` over all float entries."""
+    return float(analysis.task_vector(base, expert).double().norm())
+
+
+def match_lr(norm_at: Callable[[float], float], lr: float, norm: float, target: float,
+             tolerance: float = MATCH_TOLERANCE, trials: int = MATCH_TRIALS) -> dict:
+    """The lr at which ``norm_at(lr)`` (a task vector's norm) comes closest to ``target``.
+
+    Secant steps on log(norm) against log(lr), starting from ``(lr, norm)`` and the guess
+    ``lr * target / norm`` (Adam's steps scale with the lr); at most ``trials`` calls of
+    ``norm_at``, fewer once one lands within ``tolerance`` (relative) of ``target``.
+
+    Returns:
+        ``{"lr", "norm", "ratio" (norm / target), "tried" ([lr, norm] pairs in order)}`` for the
+        tried lr (``lr`` included) whose norm is closest to ``target`` in log scale.
+    """
+    if not (target > 0 and norm > 0 and lr > 0):
+        raise ValueError(f"lr, norm and target must be > 0, got {lr}, {norm}, {target}")
+    tried = [(lr, norm)]
+    guess = lr * target / norm
+    for _ in range(trials):
+        if abs(tried[-1][1] / target - 1.0) <= tolerance:
+            break
+        tried.append((guess, norm_at(guess)))
+        (lr0, n0), (lr1, n1) = tried[-2], tried[-1]
+        slope = math.log(n1 / n0) / math.log(lr1 / lr0) if lr1 != lr0 and n1 != n0 else 1.0
+        guess = lr1 * (target / n1) ** (1.0 / (slope if slope > 0.05 else 1.0))
+    best_lr, best_norm = min(tried, key=lambda pair: abs(math.log(pair[1] / target)))
+    return {"lr": best_lr, "norm": best_norm, "ratio": best_norm / target, "tried": [list(pair) for pair in tried]}
+
+
 def sweep_scales(fitted: float, paper_values: Sequence[float], multiples: Sequence[float]) -> list[dict]:
     """The noise scales of the sweep: the paper's values, then multiples of the fitted ``b``
     (each ``{"b", "label"}``), in that order."""
@@ -78,7 +135,7 @@ def sweep_scales(fitted: float, paper_values: Sequence[float], multiples: Sequen
 
 def run_protocol(protocol: Protocol, seeds: int, merges: Sequence[str], noise_scale: float | None,
                  landscape_points: int, sweep: tuple[Sequence[float], Sequence[float]] = ((), ()),
-                 progress: bool = True) -> dict:
+                 progress: bool = True, controls: bool = True) -> dict:
     """Run the protocol and return its results (JSON-serialisable apart from ``"artifacts"``).
 
     Args:
@@ -89,26 +146,37 @@ def run_protocol(protocol: Protocol, seeds: int, merges: Sequence[str], noise_sc
         landscape_points: points per axis of the landscape over [0, LANDSCAPE_MAX]^2 (seed 0).
         sweep: (paper values of b, multiples of the fitted b) for the seed-0 sweep; empty: none.
         progress: show progress bars.
+        controls: also run the four control rows (``OPTIMIZERS[3:]``); else AdamW, MergOPT and
+            the noise-off control only.
     Returns:
-        ``noise`` (scale used, fit), ``accuracy`` (row -> per-seed lists of per-task scores),
-        ``control_max_abs_diff`` (per seed), ``sweep`` (per b: row -> per-task scores of seed 0),
-        ``landscape`` and ``artifacts`` (task-vector sample, fit, grids, coefficients).
+        ``optimizers`` (the rows run), ``noise`` (scale used, fit), ``matched_norm`` (per task the
+        lr search's result, see ``match_lr``; empty without controls), ``accuracy`` (row ->
+        per-seed lists of per-task scores), ``lambda_sweep`` (``lambdas`` and per optimizer
+        ``[seed][lambda][task]`` scores of task arithmetic), ``control_max_abs_diff`` (per seed),
+        ``sweep`` (per b: row -> per-task scores of seed 0), ``landscape`` and ``artifacts``
+        (task-vector sample, fit, grids, coefficients).
     """
     base, count = protocol.base, len(protocol.tasks)
+    kinds = OPTIMIZERS if controls else MAIN_OPTIMIZERS
     scales = sweep_scales(1.0, *sweep)  # sizes the bar; the multiples get the fitted b below
-    experts: dict[tuple[str, int, float], list[StateDict]] = {}
-    bar = tqdm(total=(seeds * len(OPTIMIZERS) + len(scales)) * count, desc="fine-tuning", unit="run",
+    experts: dict[tuple[Recipe, int, int], StateDict] = {}
+    bar = tqdm(total=(seeds * len(kinds) + len(scales)) * count, desc="fine-tuning", unit="run",
                disable=not progress)
 
-    def train(kind: str, seed: int, scale: float) -> list[StateDict]:
-        key = (kind, seed, scale if kind == "mergopt" else 0.0)
+    def train_one(recipe: Recipe, seed: int, index: int) -> StateDict:
+        key = (recipe, seed, index)
         if key not in experts:
-            runs = []
-            for index in range(count):
-                runs.append(protocol.finetune(kind, index, seed, key[2]))
-                bar.update()
-            experts[key] = runs
+            experts[key] = protocol.finetune(recipe, index, seed)
+            bar.update()
         return experts[key]
+
+    def recipe(kind: str, scale: float, matched_lr: float | None = None) -> Recipe:
+        return arm_recipe(kind, protocol.lr, protocol.weight_decay, scale, protocol.distribution, matched_lr)
+
+    def train(kind: str, seed: int, scale: float, matched: Sequence[float] | None = None) -> list[StateDict]:
+        """The experts of row ``kind`` for every task (``matched``: the matched lr per task)."""
+        return [train_one(recipe(kind, scale, None if matched is None else matched[index]), seed, index)
+                for index in range(count)]
 
     def score_all(state: StateDict) -> list[float]:
         return [protocol.score(state, index) for index in range(count)]
@@ -118,13 +186,23 @@ def run_protocol(protocol: Protocol, seeds: int, merges: Sequence[str], noise_sc
     fit = analysis.fit_laplace(pooled)
     scale = fit.b if noise_scale is None else noise_scale
 
+    matched_norm, matched = [], None
+    if controls:  # fixed from seed 0's norms only, before any score is computed
+        for index, (adamw, mergopt) in enumerate(zip(pilot, train("mergopt", 0, scale))):
+            def norm_at(lr: float, index=index) -> float:
+                bar.total += 1
+                return task_vector_norm(base, train_one(recipe("adamw_matched", scale, lr), 0, index))
+
+            matched_norm.append(match_lr(norm_at, protocol.lr, task_vector_norm(base, adamw),
+                                         task_vector_norm(base, mergopt)))
+        matched = [entry["lr"] for entry in matched_norm]
+
     accuracy: dict[str, list[list[float]]] = {"pre-trained": [score_all(base)]}
     control_diff = []
     for seed in range(seeds):
-        for kind in OPTIMIZERS:
-            runs = train(kind, seed, scale)
+        for kind in kinds:
             accuracy.setdefault(f"individual/{kind}", []).append(
-                [protocol.score(state, index) for index, state in enumerate(runs)])
+                [protocol.score(state, index) for index, state in enumerate(train(kind, seed, scale, matched))])
         control_diff.append(max(_max_abs_diff(c, a) for c, a in zip(train("control", seed, scale),
                                                                           train("adamw", seed, scale))))
     sweep_results = []
@@ -136,18 +214,24 @@ def run_protocol(protocol: Protocol, seeds: int, merges: Sequence[str], noise_sc
     bar.close()
 
     for merge in tqdm(merges, desc="merging", unit="method", disable=not progress):
-        for kind in OPTIMIZERS:
-            accuracy[f"{merge}/{kind}"] = [score_all(MERGES[merge](base, train(kind, seed, scale), seed))
+        for kind in kinds:
+            accuracy[f"{merge}/{kind}"] = [score_all(MERGES[merge](base, train(kind, seed, scale, matched), seed))
                                            for seed in range(seeds)]
+    lambda_scores = {kind: [[score_all(merging.task_arithmetic(base, train(kind, seed, scale, matched), scaling=lam))
+                             for lam in LAMBDAS] for seed in range(seeds)]
+                     for kind in tqdm(kinds, desc="lambda sweep", unit="row", disable=not progress)}
 
     coefficients = np.linspace(0.0, LANDSCAPE_MAX, landscape_points)
     grids = {kind: analysis.merge_loss_landscape(protocol.joint_loss, base, *train(kind, 0, scale)[:2], coefficients)
              for kind in tqdm(("adamw", "mergopt"), desc="landscape", disable=not progress)}
     return {
+        "optimizers": list(kinds),
         "noise": {"scale": scale, "source": "laplace fit" if noise_scale is None else "--noise-scale",
                   "fit": {"mu": fit.mu, "b": fit.b, "ks_statistic": fit.ks_statistic,
                           "avg_log_likelihood": fit.avg_log_likelihood, "n": fit.n}},
+        "matched_norm": matched_norm,
         "accuracy": accuracy,
+        "lambda_sweep": {"lambdas": list(LAMBDAS), "scores": lambda_scores},
         "control_max_abs_diff": control_diff,
         "sweep": sweep_results,
         "landscape": {"tasks": list(protocol.tasks[:2]), "coefficients": coefficients.tolist(),
