@@ -144,3 +144,16 @@ def test_readme_snippet(tmp_path):
     for name, theta in clean.items():
         assert torch.equal(sixteen[name], theta.bfloat16()), name
     assert any(not torch.equal(perturbed[name], clean[name]) for name in clean)
+
+
+def test_the_deepspeed_internals_read_are_those_of_the_pinned_release():
+    """``_deepspeed`` reads the ZeRO optimizers' attributes of DeepSpeed 0.19: the installed
+    release is one it reads, and another release is refused with an error that names it."""
+    from importlib.metadata import version
+
+    from mergopt_kernels.optim import _deepspeed
+
+    _deepspeed.check_version(version("deepspeed"))
+    assert version("deepspeed").startswith("0.19.")
+    with pytest.raises(RuntimeError, match=r"DeepSpeed 0\.20\.1 is not supported.*0\.19"):
+        _deepspeed.check_version("0.20.1")

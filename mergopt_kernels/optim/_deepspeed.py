@@ -8,9 +8,14 @@ a partition draws the noise of its (parameter, index) in the whole parameter, so
 maps each partition back to its segments, and writes partitions into the model (``publish``)
 when the optimizer changed them outside DeepSpeed's step (``clean_weights()`` and the like).
 
-Nothing here imports DeepSpeed: the layouts are read from the ZeRO optimizer object, whose
-attributes are those of DeepSpeed 0.19 (``deepspeed.runtime.zero``); a version that lacks them
-gets an error that names the attribute.
+This is the one module that reaches into DeepSpeed's internals, because DeepSpeed offers no
+way in for a client optimizer: it gives the optimizer no reference to its ZeRO wrapper (found
+here among the objects that refer to the optimizer, once: ``find_owner``), and its checkpoint
+loads rewrite the partitions without calling the optimizer (its load methods are wrapped, on
+that one wrapper object: ``ZeroLayout.watch_loads``). Nothing here imports DeepSpeed: the
+layouts are read from the ZeRO optimizer object, whose attributes are those of DeepSpeed 0.19
+(``deepspeed.runtime.zero``); another version is refused (``check_version``), and the tests
+pin 0.19.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from typing import Optional
 import torch
 
 SUPPORTED = "ZeRO stages 1, 2 and 3, fp32 or bf16, without offload"
+# The DeepSpeed releases whose internals this module reads (major.minor).
+SUPPORTED_VERSIONS = ("0.19",)
 # The DeepSpeed classes that can wrap a client optimizer and hand it other tensors.
 ZERO_OPTIMIZERS = ("DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3")
 MIXED_PRECISION_WRAPPERS = ("FP16_Optimizer", "FP16_UnfusedOptimizer", "BF16_Optimizer")
@@ -191,9 +198,18 @@ def find_owner(optimizer) -> Optional[object]:
     return (known or candidates or [None])[0]
 
 
+def check_version(version: str) -> None:
+    """Raise ``RuntimeError`` naming ``version`` unless this module reads its internals."""
+    if ".".join(version.split(".")[:2]) not in SUPPORTED_VERSIONS:
+        raise RuntimeError(f"DeepSpeed {version} is not supported by FusedMergOptAdamW/MergOpt, which read the "
+                           f"internals of DeepSpeed's ZeRO optimizers as of {', '.join(SUPPORTED_VERSIONS)}: "
+                           "pip install 'deepspeed==0.19.*'")
+
+
 def layout_of(owner) -> ZeroLayout:
     """The layout of ``owner``'s partitions; ``ValueError`` naming the configuration when it is
-    one this optimizer does not support."""
+    one this optimizer does not support, ``RuntimeError`` for another DeepSpeed version."""
+    check_version(sys.modules["deepspeed"].__version__)
     name = type(owner).__name__
     if name in ZERO_OPTIMIZERS:
         if getattr(owner, "dtype", None) == torch.float16:
