@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from dist_utils import run_ranks
 from mergopt_kernels import FusedMergOptAdamW, noise
-from mergopt_kernels.optim import _perturbation as pt
+from mergopt_kernels.optim import layouts
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -62,7 +62,7 @@ def train_step(model, opt, x, y) -> float:
 
 def full(model) -> list[torch.Tensor]:
     """The whole parameters (an all-gather for DTensors: every rank calls it)."""
-    return [p.detach().full_tensor() if isinstance(p, pt._DTensor) else p.detach().clone()
+    return [p.detach().full_tensor() if isinstance(p, layouts.DTensor) else p.detach().clone()
             for p in model.parameters()]
 
 
@@ -245,5 +245,5 @@ def test_ranks_agree_on_the_seed_ddp():
 
 
 def test_index_base_of_ordinary_tensors_is_zero():
-    assert pt.index_base(torch.zeros(3, 4)) == 0
-    assert pt.local_tensor(None) is None
+    assert layouts.index_base(torch.zeros(3, 4)) == 0
+    assert layouts.local_tensor(None) is None

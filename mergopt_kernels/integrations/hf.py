@@ -61,7 +61,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 import torch
 
-from ..optim._perturbation import PerturbationMixin
+from ..optim.perturbed_optimizer import PerturbedOptimizer
 
 
 def _chain(optimizer) -> list:
@@ -76,10 +76,10 @@ def _chain(optimizer) -> list:
     return chain
 
 
-def _find_mergopt(optimizer) -> Optional[PerturbationMixin]:
+def _find_mergopt(optimizer) -> Optional[PerturbedOptimizer]:
     """The MergOPT optimizer inside ``optimizer`` (Accelerate wraps it in ``.optimizer``, and
     under DeepSpeed Accelerate's wrapper holds DeepSpeed's ZeRO optimizer, which holds it)."""
-    return next((o for o in _chain(optimizer) if isinstance(o, PerturbationMixin)), None)
+    return next((o for o in _chain(optimizer) if isinstance(o, PerturbedOptimizer)), None)
 
 
 def _uses_deepspeed(args, optimizer) -> bool:
@@ -142,7 +142,7 @@ class MergOptCallback(TrainerCallback):
             raise TypeError(f"optimizer must be a FusedMergOptAdamW or MergOpt, got {type(optimizer).__name__}")
         self._optimizer = _find_mergopt(optimizer) if optimizer is not None else None
 
-    def _mergopt(self, kwargs: dict, required: bool = False, args=None) -> Optional[PerturbationMixin]:
+    def _mergopt(self, kwargs: dict, required: bool = False, args=None) -> Optional[PerturbedOptimizer]:
         """The optimizer to manage. ``required``: raise unless it is the one the Trainer trains
         with (``args``: the TrainingArguments, to tell whether DeepSpeed is on)."""
         trainer_optimizer = kwargs.get("optimizer")

@@ -11,8 +11,6 @@ their semantics) and computing the same step on the same noise stream:
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .step_args import FusedStepArgs
@@ -50,10 +48,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def fused_step(backend: str, args: FusedStepArgs, cache: Optional[dict] = None) -> None:
+def fused_step(backend: str, args: FusedStepArgs) -> None:
     """Run the fused step of ``args`` on a resolved ``backend`` ("triton", "native" or "torch").
-    The Triton backend keeps its address tables itself (bounded); ``cache`` is ignored (it was
-    the caller's dict for them)."""
+    The Triton backend keeps its address tables itself, in a bounded cache."""
     if backend == "triton":
         from . import triton_step
         if torch.compiler.is_compiling():  # an opaque custom op: torch.compile cannot trace it

@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import math
 import os
-from typing import Optional
 
 import torch
 import triton
@@ -282,11 +281,10 @@ class _TableCache:
 _TABLES = _TableCache(capacity=64)
 
 
-def fused_step(args: FusedStepArgs, cache: Optional[dict] = None) -> None:
+def fused_step(args: FusedStepArgs) -> None:
     """Launch the fused step of ``args`` (see ``FusedStepArgs``; in place) over contiguous
     tensors of one device and dtype. A tensor ``args.lr`` is read on the device. The address
-    tables are kept between steps in this module (``_TableCache``); ``cache`` is ignored (it
-    was the caller's dict for them).
+    tables are kept between steps in this module (``_TableCache``, bounded).
     """
     params, grads = args.params, args.grads
     if not params:

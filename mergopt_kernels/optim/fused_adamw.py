@@ -7,10 +7,15 @@ from typing import Callable, Optional
 import torch
 
 from .. import validation
-from . import _perturbation as pt
+from . import checkpoint
+from .layouts import ZERO3_SLICE, layout_of, local_tensor
+from .masters import make_masters
+from .noise_options import check_noise_options, noise_options
+from .params import check_params, param_list
+from .perturbed_optimizer import PerturbedOptimizer
 
 
-class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
+class FusedMergOptAdamW(PerturbedOptimizer):
     """AdamW whose every gradient is taken at ``theta_t + (K_t alpha_t - 1) z_t`` (MergOPT).
 
     Building the optimizer writes the first perturbation into the parameters, so the first
@@ -78,7 +83,7 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
                         differentiable=differentiable, fused=fused, noise_scale=noise_scale,
                         noise_loc=noise_loc, alphas=alphas, k_max=k_max, distribution=distribution)
         if not isinstance(params, torch.Tensor):  # torch raises its own error for a tensor
-            params = pt.param_list(params)
+            params = param_list(params)
         self._seen_params: set = set()
         super().__init__(params, defaults)
         if backend == "torch" and any(group["capturable"] for group in self.param_groups):
@@ -88,18 +93,13 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group (checked first); after construction its params get the current noise."""
-        self._check_can_add_group()
-        group = dict(param_group)
-        group["params"] = pt.param_list(group["params"])
-        for name, default in self.defaults.items():
-            group.setdefault(name, default)
+        group = self._new_group(param_group)
         lr = group["lr"]
         if isinstance(lr, torch.Tensor) and group["params"] and lr.device != group["params"][0].device:
             raise ValueError(f"lr: a tensor lr must be on the parameters' device "
                              f"{group['params'][0].device}, got {lr.device}")
         _check_adam_options(group, read_tensor=True)
-        pt.check_noise_options(group)
-        pt.check_params(group["params"], set(self._seen_params))
+        check_params(group["params"], set(self._seen_params))
         super().add_param_group(group)
         self._seen_params.update(id(p) for p in group["params"])
         if self._started:
@@ -108,7 +108,7 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
 
     def _check_group(self, group: dict) -> None:
         _check_adam_options(group, read_tensor=False)
-        pt.check_noise_options(group)
+        check_noise_options(group)
 
     def _init_state(self, params: list) -> None:
         amsgrad_params = {p for _, g, group_params in self._groups() if g["amsgrad"] for p in group_params}
@@ -116,13 +116,13 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
             state = self.state[p]
             if "step" in state:
                 continue
-            like = pt.local_tensor(p) if pt.zero3_slice(p) is not None else p  # ZeRO-3: this rank's slice
+            like = local_tensor(p) if layout_of(p) is ZERO3_SLICE else p  # ZeRO-3: this rank's slice
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(like, dtype=torch.float32)
             state["exp_avg_sq"] = torch.zeros_like(like, dtype=torch.float32)
             if p in amsgrad_params:
                 state["max_exp_avg_sq"] = torch.zeros_like(like, dtype=torch.float32)
-        self._init_masters(params)
+        make_masters(params, self._master_holder)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
@@ -133,11 +133,10 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
         theta (written from outside, unfrozen) are not restored, frozen ones not perturbed.
         """
         loss = self._begin_step(closure)
-        book = self._book
         written: dict[int, dict] = {}  # group index -> the noise options this step applies
         for index, group, group_params in self._step_groups():
-            noise = pt.noise_options(group)
-            applied = book.applied.get(index)
+            noise = noise_options(group)
+            applied = self._ledger.applied.get(index)
             if noise is not None:
                 written[index] = noise
             for params in self._group_buckets(group_params):
@@ -149,8 +148,8 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
                      applied: Optional[dict]) -> None:
         """One bucket's step: at most one launch per kind of parameter, (restore, perturb):
         (True, True) held and noisy, (False, True) clean and noisy, (False, False) not noisy."""
-        book = self._book
-        held = [p in book.held for p in params]
+        ledger = self._ledger
+        held = [ledger.holds(p) for p in params]
         noisy = [noise is not None and p.requires_grad for p in params]
         fused = [h and n and applied == noise for h, n in zip(held, noisy)]
         apart = [p for p, h, f in zip(params, held, fused) if h and not f]
@@ -174,20 +173,17 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
                              adam if any(g is not None for g in sub_grads) else None))
         if apart:  # options changed, or no longer noisy: restore with the options that wrote it
             self._launch(index, apart, [None] * len(apart), applied, restore=True, apply_offset=-1)
-            for p in apart:
-                del book.held[p]
+            ledger.release(apart)
         stepped = [self.state[p]["step"] for p, g in zip(params, grads) if g is not None]
         if stepped:
             torch._foreach_add_(stepped, 1.0)
         for sub_params, sub_grads, sub_noise, restore, adam in launches:
             self._launch(index, sub_params, sub_grads, sub_noise, restore=restore, apply_offset=1, adam=adam)
         # The ledger follows the writes once they all returned.
-        for p in params:
-            book.held.pop(p, None)
+        ledger.release(params)
         for sub_params, _, sub_noise, _, _ in launches:
             if sub_noise is not None:
-                for p in sub_params:
-                    book.held[p] = True
+                ledger.hold(sub_params)
 
     def state_dict(self, perturbed: bool = False) -> dict:
         """torch's optimizer state plus ``"mergopt": {"seed", "noise_step"}``.
@@ -205,7 +201,7 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
                 of max(|theta|, |s z|) per element, then carried on by training). bf16/fp16
                 parameters need nothing more: their fp32 ``master`` is always saved.
         """
-        self._follow_params()
+        self._catch_up()
         state = super().state_dict()
         if perturbed:
             for position, entry in self._exact_entries(with_masters=False).items():
@@ -223,71 +219,18 @@ class FusedMergOptAdamW(pt.PerturbationMixin, torch.optim.Optimizer):
                 raise ValueError(f"state_dict param group {index} was saved by torch.optim.Adam with L2 weight "
                                  "decay, not AdamW's decoupled weight decay: it cannot be continued as AdamW")
 
-    @torch.no_grad()
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state saved by ``state_dict()``. The parameters hold the clean weights saved
-        with it, whether loaded before the optimizer was built or after (the optimizer sees the
-        write), or the current perturbed ones (they are restored first).
+    def _checked_entries(self, state_dict: dict, pairs: list):
+        """Every saved entry as fp32 tensors on its parameter's device (moments and masters stay
+        fp32 whatever the parameters' dtype), checked (names, shapes) before any is taken."""
+        perturbed, saved_state = checkpoint.split_saved_values(state_dict["state"], pairs, "perturbed")
+        new_state = {p: checkpoint.fp32_state(saved_state.get(saved_id, {}), p, saved_id) for saved_id, p in pairs}
 
-        A ``torch.optim.AdamW`` state dict is taken too, to switch a running AdamW job to
-        MergOPT: its moments, steps and options are loaded, the seed and noise options stay
-        this optimizer's, and the parameters hold the current step's perturbation after it.
+        def take() -> None:
+            torch.optim.Optimizer.load_state_dict(self, {**state_dict, "state": {}})
+            for p, entry in new_state.items():
+                self.state[p] = entry
 
-        Moments and masters stay fp32 whatever the parameters' dtype; they and the parameters'
-        state follow the parameters' device. Every entry is checked (names, shapes) against its
-        parameter before anything changes.
-        """
-        mergopt_state, state_dict = self._split_mergopt_state(state_dict, "FusedMergOptAdamW")
-        self._sync_deepspeed()
-        self._check_loadable_groups(state_dict["param_groups"])
-        # Converted before anything changes: a bad entry raises with the optimizer untouched.
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        perturbed, saved_state = self._split_exact_entries(state_dict["state"], list(zip(saved_ids, params)))
-        new_state = {p: _fp32_state(saved_state.get(saved_id, {}), p, saved_id) for saved_id, p in zip(saved_ids, params)}
-        self._check_deepspeed_state(mergopt_state, params)
-        deepspeed = self._book.deepspeed is not None
-        if not deepspeed:
-            self.remove_perturbation()
-        without_state = {k: v for k, v in state_dict.items() if k != "state"}
-        super().load_state_dict({**without_state, "state": {}})
-        for p, entry in new_state.items():
-            self.state[p] = entry
-        if deepspeed:
-            self._finish_deepspeed_load(mergopt_state, params)
-        else:
-            self._finish_load(mergopt_state, perturbed)
-
-
-MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
-
-
-def _fp32_state(entry: dict, p: torch.Tensor, saved_id) -> dict:
-    """A saved state entry as fp32 tensors on ``p``'s device (numbers, e.g. a float step, too),
-    after checking it: a 1-element ``step`` and moments of ``p``'s shape (of its slice for a
-    ZeRO-3 parameter), nothing else."""
-    where = f"state_dict['state'][{saved_id!r}]"
-    if not isinstance(entry, dict):
-        raise ValueError(f"{where} must be a dict, got {type(entry).__name__}")
-    unknown = set(entry) - {"step", "master", *MOMENTS}
-    if unknown:
-        raise ValueError(f"{where} has entries {sorted(map(str, unknown))}; expected 'step', 'master' and {MOMENTS}")
-    shape = pt.state_shape(p)
-    converted = {}
-    for name, value in entry.items():
-        if isinstance(value, bool) or not isinstance(value, (torch.Tensor, int, float)):
-            raise ValueError(f"{where}[{name!r}] must be a tensor or a number, got {type(value).__name__}")
-        if name == "step" and isinstance(value, torch.Tensor) and value.numel() != 1:
-            raise ValueError(f"{where}['step'] must hold one number, got shape {tuple(value.shape)}")
-        if name != "step" and (not isinstance(value, torch.Tensor) or value.shape != shape):
-            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise ValueError(f"{where}[{name!r}] must be a tensor of the parameter's shape {tuple(shape)}, got {got}")
-        if isinstance(value, torch.Tensor) and not value.is_floating_point():
-            raise ValueError(f"{where}[{name!r}] must be a floating-point tensor, got {value.dtype}")
-        converted[name] = torch.as_tensor(value).to(device=p.device, dtype=torch.float32, copy=True)
-        if name == "step":
-            converted[name] = converted[name].reshape(())
-    return converted
+        return perturbed, take
 
 
 def _check_adam_options(group: dict, read_tensor: bool) -> None:

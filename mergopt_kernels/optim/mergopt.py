@@ -6,10 +6,15 @@ from typing import Callable, Optional
 
 import torch
 
-from . import _perturbation as pt
+from . import checkpoint
+from .layouts import local_tensor
+from .masters import make_masters
+from .noise_options import check_noise_options, noise_options
+from .params import check_params
+from .perturbed_optimizer import PerturbedOptimizer
 
 
-class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
+class MergOpt(PerturbedOptimizer):
     """Wrap ``base`` so that every gradient is taken at ``theta_t + (K_t alpha_t - 1) z_t``.
 
     The wrapper shares ``base``'s param groups (the same dicts) and state, so an LR scheduler
@@ -37,7 +42,7 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
                  seed: Optional[int] = None, backend: str = "auto"):
         if not isinstance(base, torch.optim.Optimizer):
             raise TypeError(f"base must be a torch.optim.Optimizer, got {type(base).__name__}")
-        if isinstance(base, pt.PerturbationMixin):
+        if isinstance(base, PerturbedOptimizer):
             raise TypeError("base already perturbs its parameters; wrap a plain optimizer")
         self.base = base
         noise_defaults = dict(noise_scale=noise_scale, noise_loc=noise_loc, alphas=alphas,
@@ -46,8 +51,8 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
         seen: set = set()
         for group in base.param_groups:
             options = {k: group.get(k, v) for k, v in noise_defaults.items()}
-            pt.check_noise_options(options, group["params"])
-            pt.check_params(group["params"], seen)
+            check_noise_options(options, group["params"])
+            check_params(group["params"], seen)
             checked.append(options)
         # The base's group dicts themselves become this optimizer's groups.
         torch.optim.Optimizer.__init__(self, base.param_groups, {**base.defaults, **noise_defaults})
@@ -59,23 +64,18 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group to the base optimizer too (after construction)."""
-        self._check_can_add_group()
         if not self._started:
             super().add_param_group(param_group)
             return
-        group = dict(param_group)
-        group["params"] = pt.param_list(group["params"])
-        for name, default in self.defaults.items():
-            group.setdefault(name, default)
-        pt.check_noise_options(group)
-        pt.check_params(group["params"], {id(p) for g in self.param_groups for p in g["params"]})
+        group = self._new_group(param_group)
+        check_params(group["params"], {id(p) for g in self.param_groups for p in g["params"]})
         self.base.add_param_group(group)
         self.param_groups.append(self.base.param_groups[-1])
         with torch.no_grad():
             self._perturb_group(len(self.param_groups) - 1)
 
     def _init_state(self, params: list) -> None:
-        self._init_masters(params)
+        make_masters(params, self._master_holder)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], torch.Tensor]] = None):
@@ -84,26 +84,26 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
         Parameters that hold clean theta (written from outside, unfrozen) are not restored,
         frozen ones are not perturbed."""
         loss = self._begin_step(closure)
-        if self._book.deepspeed is not None:
+        if self._zero is not None:
             self._deepspeed_step()
             return loss
-        applied = dict(self._book.applied)
+        applied = dict(self._ledger.applied)
         self._restore_pass()
         try:
             self.base.step()
         except BaseException:
             # The base raised: the perturbation it was given returns (up to the rounding of a
             # restore, for fp32 parameters), so the run can go on as if step() was not called.
-            self._book.applied = applied
+            self._ledger.applied = applied
             self._write_pass(apply_offset=0)
             self._record_writes()
             raise
         for p in self._all_params():
             master = self._masters.get(p, {}).get("master")
             if master is not None:
-                pt.local_tensor(master).copy_(pt.local_tensor(p))
+                local_tensor(master).copy_(local_tensor(p))
         self._write_pass(apply_offset=1)
-        self._end_step(dict(self._book.applied))
+        self._end_step(dict(self._ledger.applied))
         return loss
 
     def _deepspeed_step(self) -> None:
@@ -118,8 +118,8 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
         finally:
             self.base.param_groups = all_groups
         self._write_pass(apply_offset=1, groups=groups)
-        self._end_step({index: pt.noise_options(group) for index, group, _ in groups
-                        if pt.noise_options(group) is not None})
+        self._end_step({index: noise_options(group) for index, group, _ in groups
+                        if noise_options(group) is not None})
 
     def _master_holder(self, p: torch.Tensor) -> dict:
         return self._masters.setdefault(p, {})
@@ -144,63 +144,19 @@ class MergOpt(pt.PerturbationMixin, torch.optim.Optimizer):
                                             **{f"mergopt_{k}": v for k, v in entry.items()}}
         return self._with_mergopt_state(state)
 
-    @torch.no_grad()
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state saved by ``state_dict()`` (see ``FusedMergOptAdamW.load_state_dict``).
+    def _checked_entries(self, state_dict: dict, pairs: list):
+        """The saved masters and perturbed values split off, the base's entries checked
+        (shapes) before any is taken; the base loads the rest."""
+        masters, base_state = checkpoint.split_masters(state_dict["state"], pairs, "mergopt_master")
+        perturbed, base_state = checkpoint.split_saved_values(base_state, pairs, "mergopt_perturbed")
+        checkpoint.check_base_entries(base_state, pairs)
 
-        A state dict of the base optimizer alone is taken too, to switch a running job to
-        MergOPT: the base's state and options are loaded, the noise options and seed stay this
-        optimizer's, and the parameters hold the current step's perturbation after it."""
-        mergopt_state, state_dict = self._split_mergopt_state(state_dict, "MergOpt")
-        self._sync_deepspeed()
-        self._check_loadable_groups(state_dict["param_groups"])
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        pairs = list(zip(saved_ids, params))
-        masters, base_state = _split_masters(state_dict["state"], pairs)
-        perturbed, base_state = self._split_exact_entries(base_state, pairs, "mergopt_perturbed")
-        _check_base_entries(base_state, pairs)
-        self._check_deepspeed_state(mergopt_state, params)
-        deepspeed = self._book.deepspeed is not None
-        if deepspeed:  # DeepSpeed put the partitions it saves into param_groups, not into base's
-            self.base.param_groups = self.param_groups
-        else:
-            self.remove_perturbation()
-        self.base.load_state_dict({**state_dict, "state": base_state})
-        self.param_groups = self.base.param_groups
-        self.state = self.base.state
-        self._masters = {p: {"master": master} for p, master in masters.items()}
-        if deepspeed:
-            self._finish_deepspeed_load(mergopt_state, params)
-        else:
-            self._finish_load(mergopt_state, perturbed)
+        def take() -> None:
+            if self._zero is not None:  # DeepSpeed put the partitions it saves into param_groups, not base's
+                self.base.param_groups = self.param_groups
+            self.base.load_state_dict({**state_dict, "state": base_state})
+            self.param_groups = self.base.param_groups
+            self.state = self.base.state
+            self._masters = {p: {"master": master} for p, master in masters.items()}
 
-
-def _split_masters(state: dict, pairs: list) -> tuple[dict, dict]:
-    """(parameter -> saved fp32 master on its device, ``state`` without "mergopt_master")."""
-    masters, rest = {}, dict(state)
-    for saved_id, p in pairs:
-        entry = state.get(saved_id)
-        if entry is None or "mergopt_master" not in entry:
-            continue
-        master = entry["mergopt_master"]
-        if not isinstance(master, torch.Tensor) or master.shape != p.shape or not pt.needs_master(p):
-            raise ValueError(f"state_dict['state'][{saved_id!r}]['mergopt_master'] must be a tensor of shape "
-                             f"{tuple(p.shape)} for a bfloat16/float16 parameter")
-        masters[p] = master.to(device=p.device, dtype=torch.float32, copy=True)
-        rest[saved_id] = {k: v for k, v in entry.items() if k != "mergopt_master"}
-    return masters, rest
-
-
-def _check_base_entries(state: dict, pairs: list) -> None:
-    """Raise ``ValueError`` before anything changes when a saved tensor of more than one
-    element does not have its parameter's shape (torch's optimizers keep per-element state
-    shaped like the parameter, and scalars such as ``step``)."""
-    for saved_id, p in pairs:
-        entry = state.get(saved_id, {})
-        if not isinstance(entry, dict):
-            raise ValueError(f"state_dict['state'][{saved_id!r}] must be a dict, got {type(entry).__name__}")
-        for name, value in entry.items():
-            if isinstance(value, torch.Tensor) and value.numel() > 1 and value.shape != pt.state_shape(p):
-                raise ValueError(f"state_dict['state'][{saved_id!r}][{name!r}] has shape {tuple(value.shape)}, "
-                                 f"but its parameter's state has shape {tuple(pt.state_shape(p))}")
+        return perturbed, take
