@@ -26,19 +26,26 @@ import torch
 DENSITY = 0.25
 
 
-def write_models(root: Path) -> None:
-    """Base and experts e0..e2 as HF folders (bf16)."""
+# LlamaConfig of the tiny model (461,440 elements); ``write_models`` takes overrides of it
+TINY_LLAMA = dict(vocab_size=256, hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=4, tie_word_embeddings=False)
+
+
+def write_models(root: Path, config: dict | None = None, experts: int = 3, max_shard_size: str = "5GB") -> int:
+    """Base and experts e0..e{experts-1} as HF folders (bf16), saved by ``save_pretrained`` in shards of
+    at most ``max_shard_size``: the base about 0.05 N(0, 1), task vectors about 0.002 N(0, 1). ``config``
+    overrides ``TINY_LLAMA``. Returns the number of elements of one model."""
     import transformers
 
     torch.manual_seed(7)
-    config = transformers.LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+    config = transformers.LlamaConfig(**{**TINY_LLAMA, **(config or {})})
     model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
     base = {k: (torch.randn(v.shape) * 0.05).to(torch.bfloat16) for k, v in model.state_dict().items()}
-    for i, name in enumerate(["base", "e0", "e1", "e2"]):
+    for i, name in enumerate(["base"] + [f"e{j}" for j in range(experts)]):
         model.load_state_dict(base if i == 0 else {k: (v.float() + 0.002 * torch.randn(v.shape)).to(torch.bfloat16)
                                                    for k, v in base.items()})
-        model.save_pretrained(root / name)
+        model.save_pretrained(root / name, max_shard_size=max_shard_size)
+    return sum(v.numel() for v in base.values())
 
 
 def mergekit_ties(base: torch.Tensor, experts: list[torch.Tensor], compute: torch.dtype, argsort: bool) -> torch.Tensor:

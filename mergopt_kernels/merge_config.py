@@ -23,6 +23,8 @@ from typing import Annotated, Literal, Union
 import pydantic
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
+from .validation import MASK64, check_choice
+
 # mergekit's method names and ours -> (our method, DARE followed by TIES)
 METHOD_ALIASES = {"weight_average": ("weight_average", False), "linear": ("weight_average", False),
                   "task_arithmetic": ("task_arithmetic", False), "ties": ("ties", False),
@@ -63,7 +65,7 @@ class Parameters(BaseModel):
     per_tensor: bool | None = None
     exact_count: bool | None = None
     rescale: Literal["inverse", "l1", "none"] | bool | None = None
-    seed: Annotated[int, Field(ge=0, lt=2**64)] | None = None
+    seed: Annotated[int, Field(ge=0, le=MASK64)] | None = None  # validation.check_seed's range
     ties: bool | None = None
     keys: Literal["strict", "intersection", "union"] | None = None
     non_float: Literal["error", "base"] | None = None
@@ -151,9 +153,7 @@ class MergeConfig(BaseModel):
                 params["weight"] = weight
         if "merge_func" in shared:
             merge_func = shared.pop("merge_func")
-            if merge_func not in ("mean", "sum"):
-                raise ValueError(f"merge_func must be 'mean' or 'sum', got {merge_func!r}")
-            shared["normalize"] = merge_func == "mean"
+            shared["normalize"] = check_choice("merge_func", merge_func, ("mean", "sum")) == "mean"
         models = [{"model": os.fspath(path), "parameters": params} for path, params in zip(experts, per_model)]
         data = {"merge_method": method, "base_model": os.fspath(base) if base is not None else None,
                 "models": models, "parameters": shared}

@@ -31,6 +31,8 @@ from typing import Protocol
 
 import torch
 
+from .validation import check_choice
+
 KEY_POLICIES = ("strict", "intersection", "union")
 NON_FLOAT_POLICIES = ("error", "base")
 
@@ -106,12 +108,6 @@ class Entry:
         return torch.float64 if self.dtype == torch.float64 else torch.float32
 
 
-def _choice(name: str, value, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
-    return value
-
-
 def _key_list(keys: Sequence[str]) -> str:
     return f"{list(keys[:5])}{'...' if len(keys) > 5 else ''}"
 
@@ -179,8 +175,8 @@ def plan_entries(base: TensorSource | None, experts: Sequence[TensorSource], key
     Raises:
         ValueError / TypeError naming the input and key, before any float tensor is read.
     """
-    key_policy = _choice("keys", key_policy, KEY_POLICIES)
-    non_float = _choice("non_float", non_float, NON_FLOAT_POLICIES)
+    key_policy = check_choice("keys", key_policy, KEY_POLICIES)
+    non_float = check_choice("non_float", non_float, NON_FLOAT_POLICIES)
     inputs = ([base] if base is not None else []) + list(experts)
     reference = inputs[0]
     key_sets = [set(source.keys()) for source in inputs]

@@ -24,11 +24,32 @@ def finite_number(name: str, value, minimum: Optional[float] = None, read_tensor
             return
         value = float(value.detach().cpu())
     if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def number_in(name: str, value, low: Optional[float] = None, high: Optional[float] = None,
+              low_open: bool = False, high_open: bool = False) -> float:
+    """A finite real number (Python or numpy; ``finite_number``) within the interval from ``low``
+    to ``high`` (either end open with ``low_open``/``high_open``, absent with ``None``), as a float."""
+    finite_number(name, value)
+    value = float(value)
+    if (low is not None and (value <= low if low_open else value < low)) or \
+            (high is not None and (value >= high if high_open else value > high)):
+        interval = (f"{'(' if low_open else '['}{'-inf' if low is None else low:g}, "
+                    f"{'inf' if high is None else high:g}{')' if high_open else ']'}")
+        raise ValueError(f"{name} must be in {interval}, got {value}")
+    return value
+
+
+def check_choice(name: str, value, choices):
+    """``value`` when it is one of ``choices`` (a sequence of names), else a ``ValueError`` listing them."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
 
 
 def check_flag(group: dict, name: str, allow_none: bool = False) -> None:
@@ -45,9 +66,12 @@ def check_flag(group: dict, name: str, allow_none: bool = False) -> None:
 
 def check_seed(name: str, seed, allow_none: bool = False) -> Optional[int]:
     """A 64-bit seed given as an integer (Python or numpy, not bool) in [0, 2**64), as an int
-    (None too with ``allow_none``)."""
+    (None too with ``allow_none``): ``TypeError`` for another type, ``ValueError`` outside the range."""
     if seed is None and allow_none:
         return None
-    if isinstance(seed, (bool, numpy.bool_)) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MASK64:
-        raise ValueError(f"{name} must be {'None or ' if allow_none else ''}an integer in [0, 2**64), got {seed!r}")
+    if isinstance(seed, (bool, numpy.bool_)) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name} must be {'None or ' if allow_none else ''}an integer in [0, 2**64), "
+                        f"got {type(seed).__name__} {seed!r}")
+    if not 0 <= seed <= MASK64:
+        raise ValueError(f"{name} must be in [0, 2**64), got {seed!r}")
     return int(seed)

@@ -445,7 +445,7 @@ def test_argument_type_errors():
         task_arithmetic(base, experts, scaling="0.3")
     with pytest.raises(TypeError, match="density must be a real number"):
         ties_merging(base, experts, density=None)
-    with pytest.raises(TypeError, match="seed must be an integer"):
+    with pytest.raises(TypeError, match=r"seed must be an integer in \[0, 2\*\*64\), got float 0.5"):
         dare(base, experts, seed=0.5)
 
 
@@ -625,3 +625,30 @@ def test_exact_count_ties_do_not_depend_on_the_key_order(fresh_seed):
     backward = merging.ties_merging(reordered(base), [reordered(e) for e in experts], density=0.35, exact_count=True)
     for key in base:
         assert torch.equal(forward[key], backward[key]), (key, fresh_seed)
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+@pytest.mark.parametrize("exact_count", [False, True])
+def test_density_one_keeps_all_without_selecting(per_tensor, exact_count, monkeypatch):
+    """density 1 (mergekit's dare_ties) skips the top-k selection; the result is the selection's,
+    bit for bit, NaN entries dropped at the trim included."""
+    from mergopt_kernels.merge import sparsify
+
+    gen = torch.Generator().manual_seed(3)
+    base = {"a": torch.randn(100, 7, generator=gen), "b": torch.randn(33, generator=gen).bfloat16()}
+    experts = [{k: v + (0.1 * torch.randn(v.shape, generator=gen)).to(v.dtype) for k, v in base.items()}
+               for _ in range(3)]
+    experts[1]["a"][3, 2] = float("nan")
+    experts[2]["a"][5, 1] = float("inf")
+
+    def merges():
+        options = dict(per_tensor=per_tensor, exact_count=exact_count, allow_non_finite=True)
+        return [ties_merging(base, experts, 1.0, 1.0, **options),
+                dare(base, experts, 1.0, drop_rate=0.3, ties=True, density=1.0, **options)]
+
+    shortcut = merges()
+    monkeypatch.setattr(sparsify, "keeps_all", lambda density, n: False)
+    for fast, selected in zip(shortcut, merges()):
+        for key in fast:
+            assert torch.equal(fast[key].view(torch.int16 if fast[key].dtype == torch.bfloat16 else torch.int32),
+                               selected[key].view(torch.int16 if fast[key].dtype == torch.bfloat16 else torch.int32))

@@ -70,16 +70,27 @@ def kth_largest_magnitude(stream: Callable[[], Iterable[torch.Tensor]], k, rows:
     return prefix.view(torch.float64), remaining
 
 
+def keeps_all(density: Sequence[float], n: int) -> bool:
+    """Whether every expert keeps all ``n`` entries (``density`` 1, as in mergekit's dare_ties)."""
+    return all(keep_count(d, n) == n for d in density)
+
+
 class MagnitudeTrim:
-    """Per-expert thresholds of one TIES merge, and with ``exact_count`` the tie budgets per tensor."""
+    """Per-expert thresholds of one TIES merge, and with ``exact_count`` the tie budgets per tensor.
+
+    A threshold of ``None`` keeps every entry but NaN (what the selection gives when the keep
+    count is the entry count: the threshold is the smallest magnitude), without selecting."""
 
     def __init__(self, spec: MergeSpec, entries: Sequence[Entry], stream, rows: int):
         self.spec, self.rows = spec, rows
-        self.thresholds: dict[str, torch.Tensor] = {}
+        self.thresholds: dict[str, torch.Tensor | None] = {}
         self.tie_budget: dict[str, torch.Tensor] = {}
         if spec.per_tensor or not entries:
             return
         n = sum(entry.numel for entry in entries)
+        if keeps_all(spec.density, n):
+            self.thresholds = dict.fromkeys((e.key for e in entries), None)
+            return
         select_dtype = torch.float64 if any(e.compute_dtype == torch.float64 for e in entries) else torch.float32
         k = torch.tensor([keep_count(d, n) for d in spec.density], dtype=torch.int64)
         threshold, ties = kth_largest_magnitude(lambda: (tau for _, tau in stream("TIES threshold")), k, rows,
@@ -98,7 +109,9 @@ class MagnitudeTrim:
 
     def prepare(self, entry: Entry, vectors) -> None:
         """Fix the threshold and tie budget of ``entry`` when they are per tensor; call once per entry."""
-        if self.spec.per_tensor:
+        if self.spec.per_tensor and keeps_all(self.spec.density, entry.numel):
+            self.thresholds[entry.key] = None
+        elif self.spec.per_tensor:
             k = torch.tensor([keep_count(d, entry.numel) for d in self.spec.density], dtype=torch.int64)
             self.thresholds[entry.key], ties = kth_largest_magnitude(vectors.taus, k, self.rows, entry.compute_dtype)
             if self.spec.exact_count:
@@ -111,6 +124,10 @@ class MagnitudeTrim:
         (updated in place) and only the first ``tie_budget`` of them are kept.
         """
         device = chunk.device
+        if self.thresholds[key] is None:  # every entry kept; NaN only where allowed, as the selection drops it
+            if not self.spec.allow_non_finite:
+                return chunk
+            return torch.where(torch.isnan(chunk), torch.zeros((), dtype=chunk.dtype, device=device), chunk)
         threshold = self.thresholds[key].to(device)[:, None]
         mag = chunk.abs().to(threshold.dtype)
         if self.spec.exact_count:

@@ -4,11 +4,9 @@
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 from collections.abc import Callable, Iterable, Sequence
 
-from ..merge_plan import _choice
+from ..validation import check_choice, check_seed, number_in
 from .registry import METHODS, REGISTRY, MergeMethod
 
 Progress = Callable[[Iterable, str, int], Iterable]
@@ -17,12 +15,7 @@ RESCALES = ("inverse", "l1", "none")
 
 
 def _real(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
+    return number_in(name, value)
 
 
 def _per_expert(name: str, value, count: int, check: Callable[[str, object], float]) -> tuple[float, ...]:
@@ -35,17 +28,11 @@ def _per_expert(name: str, value, count: int, check: Callable[[str, object], flo
 
 
 def _density(name: str, value) -> float:
-    value = _real(name, value)
-    if not 0.0 < value <= 1.0:
-        raise ValueError(f"{name} must be in (0, 1], got {value}")
-    return value
+    return number_in(name, value, 0.0, 1.0, low_open=True)
 
 
 def _drop_rate(name: str, value) -> float:
-    value = _real(name, value)
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value}")
-    return value
+    return number_in(name, value, 0.0, 1.0, high_open=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +97,7 @@ def merge_spec(method: str, num_experts: int, *, allow_non_finite: bool = False,
     Raises:
         TypeError / ValueError naming the argument (an unknown or unused option is a ValueError).
     """
-    method = _choice("method", method, METHODS)
+    method = check_choice("method", method, METHODS)
     unknown = sorted(set(options) - set(OPTION_DEFAULTS))
     if unknown:
         raise TypeError(f"unknown merge options {unknown} (accepted: {list(OPTION_DEFAULTS)})")
@@ -131,10 +118,7 @@ def merge_spec(method: str, num_experts: int, *, allow_non_finite: bool = False,
             raise ValueError(f"weights must not sum to 0 for a weight average, got {list(weights)}")
     density = _per_expert("density", density, num_experts, _density)
     drop_rate = _per_expert("drop_rate", drop_rate, num_experts, _drop_rate)
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
-    if not 0 <= seed < 1 << 64:
-        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    seed = check_seed("seed", seed)
     return MergeSpec(method, num_experts, scaling, weights, density, bool(per_tensor), bool(exact_count),
-                     _choice("merge_func", merge_func, MERGE_FUNCS), drop_rate, int(seed),
-                     _choice("rescale", rescale, RESCALES), bool(ties), bool(allow_non_finite))
+                     check_choice("merge_func", merge_func, MERGE_FUNCS), drop_rate, int(seed),
+                     check_choice("rescale", rescale, RESCALES), bool(ties), bool(allow_non_finite))

@@ -74,24 +74,36 @@ class TaskVectors:
 
     def _check_finite(self, values: torch.Tensor, part: slice) -> None:
         """Raise naming the input and key when ``values`` (computed from columns ``part``) is not finite."""
-        if self.spec.allow_non_finite or bool(torch.isfinite(values).all()):
+        if self.spec.allow_non_finite or all_finite(values):
             return
         inputs = ([self.base[part][None]] if self.base is not None else []) + list(self.experts[:, part][:, None])
         name = next(name for name, x in zip(self.names, inputs) if not bool(torch.isfinite(x).all()))
         raise ValueError(f"{name}[{self.entry.key!r}] holds a non-finite value (NaN or Inf); the merge stops "
                          f"(allow_non_finite=True, --allow-non-finite, merges it anyway)")
 
-    def _task_vectors(self, part: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    def _task_vectors(self, part: slice, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         ref = self.base[part].to(self.entry.compute_dtype)
         tau = self.experts[:, part].to(self.entry.compute_dtype) - ref
         if self.present is not None:
             tau = torch.where(self.present, tau, torch.zeros((), dtype=tau.dtype, device=tau.device))
-        self._check_finite(tau, part)
+        if check:
+            self._check_finite(tau, part)
         return ref, tau
 
-    def chunk(self, part: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """(base ``[m]``, task vectors ``[K, m]``) of columns ``part``, in the compute dtype."""
-        ref, tau = self._task_vectors(part)
+    def check_inputs(self, part: slice) -> None:
+        """Raise naming the input and key when an input of columns ``part`` is not finite."""
+        if self.base is not None:
+            self._task_vectors(part)
+        else:
+            self.raw_chunk(part)
+
+    def chunk(self, part: slice, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(base ``[m]``, task vectors ``[K, m]``) of columns ``part``, in the compute dtype.
+
+        ``check=False`` leaves out the check of the inputs for the caller that checks a result
+        every non-finite input reaches (``linear``): with DARE, whose drop may remove one, the
+        inputs are checked regardless."""
+        ref, tau = self._task_vectors(part, check or self.dare)
         if self.dare:
             tau = dare_drop(self.spec, self.entry.key, tau, part)
             if self.l1_scale is not None:
@@ -102,16 +114,31 @@ class TaskVectors:
         """The task vectors ``[K, m]`` chunk by chunk, in column order."""
         return (self.chunk(part)[1] for part in chunks(self.entry.numel))
 
-    def raw_chunk(self, part: slice) -> torch.Tensor:
-        """The experts' values ``[K, m]`` of columns ``part`` in the compute dtype."""
+    def raw_chunk(self, part: slice, check: bool = True) -> torch.Tensor:
+        """The experts' values ``[K, m]`` of columns ``part`` in the compute dtype (checked unless
+        ``check=False``)."""
         values = self.experts[:, part].to(self.entry.compute_dtype)
-        self._check_finite(values, part)
+        if check:
+            self._check_finite(values, part)
         return values
 
 
-def check_output(spec: MergeSpec, entry: Entry, values: torch.Tensor) -> None:
-    """Raise naming the key when merged ``values`` (finite inputs) overflowed to Inf or NaN."""
-    if not spec.allow_non_finite and not bool(torch.isfinite(values).all()):
+def all_finite(values: torch.Tensor) -> bool:
+    """Whether every element of ``values`` is finite. One sum decides when it is finite (a NaN
+    or Inf anywhere makes the sum NaN or Inf); only a non-finite sum (a NaN or Inf, or finite
+    values whose sum overflows) runs the elementwise check, which is several times slower."""
+    total = values.sum(dtype=torch.float64 if values.dtype == torch.float64 else torch.float32)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(values).all())
+
+
+def check_output(spec: MergeSpec, entry: Entry, values: torch.Tensor, inputs: TaskVectors | None = None,
+                 part: slice | None = None) -> None:
+    """Raise naming the key when merged ``values`` overflowed to Inf or NaN. With ``inputs``, whose
+    columns ``part`` were not checked, a non-finite value is first traced to a non-finite input
+    (named in the error): a linear combination is finite only when all its inputs are."""
+    if not spec.allow_non_finite and not all_finite(values):
+        if inputs is not None:
+            inputs.check_inputs(part)
         raise ValueError(f"the merged {entry.key!r} is not finite: it overflows {entry.dtype} (scaling "
                          f"{spec.scaling}, weights {list(spec.weights) if spec.weights else 'all 1'}); the merge stops "
                          f"(allow_non_finite=True, --allow-non-finite, writes it anyway)")
@@ -130,9 +157,9 @@ def average(entry: Entry, experts: Sequence[TensorSource], spec: MergeSpec) -> t
         raise ValueError(f"the weights of the experts holding {entry.key!r} sum to 0: no weighted average")
     out = torch.empty(entry.numel, dtype=entry.dtype, device=values.experts.device)
     for part in chunks(entry.numel):
-        chunk = values.raw_chunk(part)
+        chunk = values.raw_chunk(part, check=False)
         out[part] = chunk.mean(0) if plain else (column(w, chunk) * chunk).sum(0) / sum(w)
-        check_output(spec, entry, out[part])
+        check_output(spec, entry, out[part], values, part)
     return out.view(entry.shape)
 
 
@@ -145,7 +172,7 @@ def linear(entry: Entry, base: TensorSource, experts: Sequence[TensorSource], sp
     vectors = TaskVectors(entry, base, experts, spec)
     out = torch.empty(entry.numel, dtype=entry.dtype, device=vectors.experts.device)
     for part in chunks(entry.numel):
-        ref, tau = vectors.chunk(part)
+        ref, tau = vectors.chunk(part, check=False)
         out[part] = ref + (column(coefficients, tau) * tau).sum(0)
-        check_output(spec, entry, out[part])
+        check_output(spec, entry, out[part], vectors, part)
     return out.view(entry.shape)
