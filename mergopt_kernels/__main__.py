@@ -84,7 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="lm: folder of the cached pre-trained bases, keyed by everything that shapes "
                            "them (default $XDG_CACHE_HOME/mergopt_kernels or ~/.cache/mergopt_kernels)")
     demo.add_argument("--noise-scale", type=_non_negative_float, default=None,
-                      help="MergOPT noise scale b (default: fitted to pilot AdamW task vectors)")
+                      help="MergOPT noise scale b (default: digits fitted to pilot AdamW task vectors; lm "
+                           "set by the noise offset, see --noise-offset)")
+    demo.add_argument("--noise-offset", type=_non_negative_float, default=None, metavar="STEPS",
+                      help="set b so that the noise offset E|s| b / lr is STEPS Adam steps (paper: about 21); "
+                           "excludes --noise-scale")
     demo.add_argument("--distribution", choices=("laplace", "gaussian"), default="laplace",
                       help="MergOPT noise distribution (default laplace)")
     demo.add_argument("--merges", nargs="+", choices=list(merges) or None, default=None, metavar="METHOD",
@@ -118,6 +122,8 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser):
     if args.large and args.quick:
         parser.error("--large and --quick exclude each other")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.noise_scale is not None and args.noise_offset is not None:
+        parser.error("--noise-scale and --noise-offset exclude each other")
     overrides = dict(device=device, distribution=args.distribution, noise_scale=args.noise_scale,
                      progress=not args.no_progress, controls=not args.no_controls)
     if args.protocol == "lm":
@@ -125,6 +131,8 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser):
         overrides["cache_dir"] = args.cache_dir or _default_cache_dir()
     else:
         config = quick_config() if args.quick else DemoConfig()
+    if args.noise_offset is not None:
+        overrides["noise_offset"] = args.noise_offset
     if args.tasks is not None:
         overrides["tasks"] = tuple(args.tasks)
     if args.merges is not None:
@@ -163,7 +171,9 @@ def run_demo_command(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     print(f"Laplace fit of the pilot AdamW task vectors: mu={fit['mu']:.3g}, b={fit['b']:.3g}, "
           f"K-S {fit['ks_statistic']:.3f}, avg log-lik {fit['avg_log_likelihood']:.2f} ({fit['n']:,} values); "
           f"paper Table 10 (LLM task vectors): K-S about 0.10, avg log-lik 5.8 to 6.5")
-    print(f"MergOPT noise: {config.distribution}, scale {noise['scale']:.3g} (from the {noise['source']})")
+    print(f"MergOPT noise: {config.distribution}, scale {noise['scale']:.3g} (from the {noise['source']}); offset "
+          f"E|s| b / lr = {noise['offset']:.1f} Adam steps (the fitted b's: {noise['fitted_offset']:.1f}; paper: "
+          f"5e-4 at lr 2e-5, about 21)")
     print(f"control (FusedMergOptAdamW, noise off) vs torch.optim.AdamW: largest weight difference "
           f"{max(results['control_max_abs_diff']):.2e}")
     if results["matched_norm"]:

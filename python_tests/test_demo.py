@@ -3,6 +3,7 @@ the definitions of the four control rows, the report's intervals and verdicts, t
 quick run and its outputs, and the command line's argument errors."""
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -21,7 +22,7 @@ from mergopt_kernels.demo import MERGES, quick_config, run_demo, summarise
 from mergopt_kernels.demo.finetune import (MAIN_OPTIMIZERS, OPTIMIZERS, FinetuneConfig, Recipe, arm_recipe, finetune,
                                            make_optimizer, make_scheduler, mean_abs_scale, train_expert)
 from mergopt_kernels.demo.model import PretrainConfig, pretrain
-from mergopt_kernels.demo.protocol import LAMBDAS, MATCH_TOLERANCE, match_lr, task_vector_norm
+from mergopt_kernels.demo.protocol import LAMBDAS, MATCH_TOLERANCE, match_lr, noise_offset_steps, task_vector_norm
 from mergopt_kernels.demo.report import LABELS, lambda_summary, lambda_verdicts, paired_interval, verdicts
 from mergopt_kernels.demo.tasks import DEFAULT_TASKS, load_digit_splits, make_tasks
 
@@ -172,7 +173,34 @@ def test_explicit_options_and_override_noise_scale(tmp_path):
     assert results["accuracy"]["ties/mergopt"] == results["accuracy"]["ties/control"]
 
 
+def test_noise_offset_sets_b_and_every_run_reports_its_offset():
+    config = quick_config(tasks=("upright", "inverted"), merges=("ties",), noise_offset=20.0, progress=False,
+                          landscape_points=2, controls=False)
+    results = run_demo(config)
+    noise, lr = results["noise"], config.finetune.lr
+    assert noise["scale"] == pytest.approx(20.0 * lr / mean_abs_scale()) and "offset of 20" in noise["source"]
+    assert noise["offset"] == pytest.approx(20.0)
+    assert noise["fitted_offset"] == pytest.approx(noise_offset_steps(noise["fit"]["b"], lr))
+    # An explicit b wins over the offset.
+    config = dataclasses.replace(config, noise_scale=0.0, seeds=1)
+    assert run_demo(config)["noise"]["scale"] == 0.0
+    with pytest.raises(ValueError, match="noise_offset"):
+        quick_config(noise_offset=-1.0).check()
+
+
+def test_noise_offset_known_answers():
+    # The paper: b = 5e-4 at lr 2e-5, E|s| = 5/6: 20.8 Adam steps.
+    assert noise_offset_steps(5e-4, 2e-5) == pytest.approx(125 / 6)
+    assert noise_offset_steps(0.00395, 1e-3) == pytest.approx(0.00395 / 1e-3 * 5 / 6)
+    # K = 1 and alpha 1.5: |s| = 0.5 at every step.
+    assert noise_offset_steps(1e-3, 1e-4, alphas=(1.5,), k_max=1) == pytest.approx(5.0)
+    with pytest.raises(ValueError):
+        noise_offset_steps(1e-3, 0.0)
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--noise-scale", "1e-3", "--noise-offset", "20"], "exclude each other"),
+    (["--noise-offset", "-1"], ">= 0"),
     (["--tasks", "upright", "sideways"], "unknown task"),
     (["--tasks", "upright"], "at least two"),
     (["--merges", "fisher"], "invalid choice"),

@@ -25,6 +25,8 @@ class DemoConfig:
         seeds: number of fine-tuning seeds (data order, noise and DARE masks); seeds 0..n-1.
         noise_scale: MergOPT's ``b``; ``None`` fits a Laplace to the task vectors of pilot AdamW
             fine-tunes (those of seed 0) and uses its ``b``, as the paper chose its ``b``.
+        noise_offset: with ``noise_scale=None``, set ``b`` so that the noise offset
+            (``protocol.noise_offset_steps``) is this many Adam steps; ``None``: the fitted ``b``.
         distribution: ``"laplace"`` or ``"gaussian"`` noise.
         merges: merge methods (keys of ``MERGES``).
         controls: also run the four control rows (matched norm, Gaussian, fixed s, constant lr).
@@ -37,6 +39,7 @@ class DemoConfig:
     tasks: tuple[str, ...] = DEFAULT_TASKS
     seeds: int = 10
     noise_scale: float | None = None
+    noise_offset: float | None = None
     distribution: str = "laplace"
     merges: tuple[str, ...] = tuple(MERGES)
     controls: bool = True
@@ -49,7 +52,8 @@ class DemoConfig:
     def check(self) -> None:
         """Raise ``ValueError`` for settings the experiment cannot run with."""
         check_task_names(self.tasks)
-        check_settings(self.seeds, self.merges, self.noise_scale, self.landscape_points, self.finetune.epochs)
+        check_settings(self.seeds, self.merges, self.noise_scale, self.landscape_points, self.finetune.epochs,
+                       self.noise_offset)
 
 
 def quick_config(**overrides) -> DemoConfig:
@@ -89,6 +93,6 @@ def run_demo(config: DemoConfig) -> dict:
     protocol = Protocol(base, config.tasks, config.finetune.lr, config.finetune.weight_decay, config.distribution,
                         expert, score, joint_loss)
     results = run_protocol(protocol, config.seeds, config.merges, config.noise_scale, config.landscape_points,
-                           progress=config.progress, controls=config.controls)
+                           progress=config.progress, controls=config.controls, noise_offset=config.noise_offset)
     return {"config": asdict(config), "tasks": [task.name for task in tasks], **results,
             "wall_time_s": time.perf_counter() - start}

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import analysis, merging
-from .finetune import MAIN_OPTIMIZERS, OPTIMIZERS, Recipe, arm_recipe
+from .finetune import MAIN_OPTIMIZERS, OPTIMIZERS, PAPER_ALPHAS, PAPER_K_MAX, Recipe, arm_recipe, mean_abs_scale
 
 StateDict = dict[str, torch.Tensor]
 
@@ -73,7 +73,7 @@ class Protocol:
 
 
 def check_settings(seeds: int, merges: Sequence[str], noise_scale: float | None, landscape_points: int,
-                   epochs: int) -> None:
+                   epochs: int, noise_offset: float | None = None) -> None:
     """Raise ``ValueError`` for protocol settings ``run_protocol`` cannot run with."""
     unknown = [m for m in merges if m not in MERGES]
     if unknown or not merges:
@@ -83,11 +83,22 @@ def check_settings(seeds: int, merges: Sequence[str], noise_scale: float | None,
             raise ValueError(f"{name} must be >= {least}, got {value}")
     if noise_scale is not None and not noise_scale >= 0:
         raise ValueError(f"noise_scale must be >= 0, got {noise_scale}")
+    if noise_offset is not None and not noise_offset >= 0:
+        raise ValueError(f"noise_offset must be >= 0, got {noise_offset}")
 
 
 def noise_seed(seed: int, task_index: int) -> int:
     """The MergOPT seed of the expert of task ``task_index`` at fine-tuning seed ``seed``."""
     return (seed << 16) + task_index
+
+
+def noise_offset_steps(noise_scale: float, lr: float, alphas=PAPER_ALPHAS, k_max: int = PAPER_K_MAX) -> float:
+    """MergOPT's noise offset in Adam steps: the mean size of the perturbation, E|s| b with
+    s = K alpha - 1 (``mean_abs_scale``), over the peak lr, roughly the size of one Adam step.
+    The paper's b = 5e-4 at lr 2e-5 gives about 21."""
+    if not (lr > 0 and noise_scale >= 0):
+        raise ValueError(f"lr must be > 0 and noise_scale >= 0, got {lr}, {noise_scale}")
+    return mean_abs_scale(alphas, k_max) * noise_scale / lr
 
 
 def _max_abs_diff(a: StateDict, b: StateDict) -> float:
@@ -135,21 +146,25 @@ def sweep_scales(fitted: float, paper_values: Sequence[float], multiples: Sequen
 
 def run_protocol(protocol: Protocol, seeds: int, merges: Sequence[str], noise_scale: float | None,
                  landscape_points: int, sweep: tuple[Sequence[float], Sequence[float]] = ((), ()),
-                 progress: bool = True, controls: bool = True) -> dict:
+                 progress: bool = True, controls: bool = True, noise_offset: float | None = None) -> dict:
     """Run the protocol and return its results (JSON-serialisable apart from ``"artifacts"``).
 
     Args:
         protocol: the experiment's base, tasks, fine-tuning, scoring and landscape loss.
         seeds: fine-tuning seeds 0..seeds-1.
         merges: keys of ``MERGES``.
-        noise_scale: MergOPT's b; ``None`` uses the Laplace fit of the seed-0 AdamW task vectors.
+        noise_scale: MergOPT's b; ``None`` uses the Laplace fit of the seed-0 AdamW task vectors,
+            or ``noise_offset``.
+        noise_offset: with ``noise_scale=None``, the b whose offset (``noise_offset``) is this many
+            Adam steps at the protocol's lr, instead of the fit (which is still made and reported).
         landscape_points: points per axis of the landscape over [0, LANDSCAPE_MAX]^2 (seed 0).
         sweep: (paper values of b, multiples of the fitted b) for the seed-0 sweep; empty: none.
         progress: show progress bars.
         controls: also run the four control rows (``OPTIMIZERS[3:]``); else AdamW, MergOPT and
             the noise-off control only.
     Returns:
-        ``optimizers`` (the rows run), ``noise`` (scale used, fit), ``matched_norm`` (per task the
+        ``optimizers`` (the rows run), ``noise`` (scale used, its source, its offset and the fitted
+        b's, fit), ``matched_norm`` (per task the
         lr search's result, see ``match_lr``; empty without controls), ``accuracy`` (row ->
         per-seed lists of per-task scores), ``lambda_sweep`` (``lambdas`` and per optimizer
         ``[seed][lambda][task]`` scores of task arithmetic), ``control_max_abs_diff`` (per seed),
@@ -184,7 +199,13 @@ def run_protocol(protocol: Protocol, seeds: int, merges: Sequence[str], noise_sc
     pilot = train("adamw", 0, 0.0)
     pooled = torch.cat([analysis.task_vector(base, expert) for expert in pilot])
     fit = analysis.fit_laplace(pooled)
-    scale = fit.b if noise_scale is None else noise_scale
+    if noise_scale is not None:
+        scale, source = noise_scale, "--noise-scale"
+    elif noise_offset is not None:
+        scale = noise_offset * protocol.lr / mean_abs_scale()
+        source = f"offset of {noise_offset:g} Adam steps"
+    else:
+        scale, source = fit.b, "laplace fit"
 
     matched_norm, matched = [], None
     if controls:  # fixed from seed 0's norms only, before any score is computed
@@ -226,7 +247,8 @@ def run_protocol(protocol: Protocol, seeds: int, merges: Sequence[str], noise_sc
              for kind in tqdm(("adamw", "mergopt"), desc="landscape", disable=not progress)}
     return {
         "optimizers": list(kinds),
-        "noise": {"scale": scale, "source": "laplace fit" if noise_scale is None else "--noise-scale",
+        "noise": {"scale": scale, "source": source, "offset": noise_offset_steps(scale, protocol.lr),
+                  "fitted_offset": noise_offset_steps(fit.b, protocol.lr),
                   "fit": {"mu": fit.mu, "b": fit.b, "ks_statistic": fit.ks_statistic,
                           "avg_log_likelihood": fit.avg_log_likelihood, "n": fit.n}},
         "matched_norm": matched_norm,

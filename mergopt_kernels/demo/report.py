@@ -218,10 +218,10 @@ def low_loss_share(grid, tolerance: float = 0.1) -> float:
 def format_sweep(results: dict) -> str:
     """The noise-scale sweep (paper Table 11) as a text table: per b, the seed-0 average score (%)
     of the individual MergOPT experts and of each merge, with its gain relative to AdamW's
-    seed-0 row; the fitted b of the main run comes first."""
+    seed-0 row; the b of the main run (fitted, or set by the noise offset) comes first."""
     accuracy = results["accuracy"]
     merges = [name for name in results["sweep"][0]["scores"] if name != "individual"] if results["sweep"] else []
-    main = {"label": "fitted (main run)", "b": results["noise"]["scale"],
+    main = {"label": f"main run ({results['noise']['source']})", "b": results["noise"]["scale"],
             "scores": {name: accuracy[f"{name}/mergopt"][0] for name in ["individual", *merges]}}
     header = ["b", "", *(f"{name} (gain)" for name in ["individual", *merges])]
     lines = []
