@@ -346,6 +346,7 @@ BAD_ARGUMENTS = [
     (dict(distribution="uniform"), ValueError, "distribution"),
     (dict(seed=-1), ValueError, "seed"),
     (dict(seed=2**64), ValueError, "seed"),
+    (dict(seed=1.5), TypeError, "seed"),
     (dict(backend="cuda-graphs"), ValueError, "backend"),
     (dict(amsgrad="yes"), TypeError, "amsgrad"),
     (dict(amsgrad=2), TypeError, "amsgrad"),
