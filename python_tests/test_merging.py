@@ -271,6 +271,21 @@ def test_kth_largest_magnitude_matches_sort_on_a_larger_model():
             assert torch.equal(ties, expected_ties)
 
 
+def test_kth_largest_magnitude_matches_sort_with_ties_and_zeros(fresh_seed):
+    # Quantized values: many entries equal to the threshold, zeros, rows of different scales.
+    gen = torch.Generator().manual_seed(fresh_seed & 0x7FFFFFFF)
+    tensors = [torch.round(torch.randn(4, n, generator=gen) * 3) / 4 * torch.exp(torch.randn(4, 1, generator=gen))
+               for n in (3, 517, 2049)]
+    flat = torch.cat(tensors, dim=1)
+    k = torch.randint(1, flat.shape[1] + 1, (4,), generator=gen)
+    for dtype in (torch.float32, torch.float64):
+        magnitudes = flat.abs().to(dtype)
+        expected = magnitudes.sort(dim=1, descending=True).values.gather(1, (k - 1)[:, None]).squeeze(1)
+        got, ties = merging._kth_largest_magnitude(lambda: iter(tensors), k, 4, dtype)
+        assert torch.equal(got, expected), fresh_seed
+        assert torch.equal(ties, k - (magnitudes > expected[:, None]).sum(1)), fresh_seed
+
+
 def test_dare_drop_rate_zero_equals_task_arithmetic():
     base = random_model()
     experts = random_experts(base, 3)

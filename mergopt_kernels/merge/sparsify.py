@@ -19,7 +19,6 @@ from .spec import MergeSpec
 
 _DIGIT_BITS = 16
 _DIGIT_BINS = 1 << _DIGIT_BITS
-_INT64_MAX = (1 << 63) - 1
 
 
 def keep_count(density: float, n: int) -> int:
@@ -27,11 +26,10 @@ def keep_count(density: float, n: int) -> int:
 
 
 def magnitude_bits(tau: torch.Tensor, select_dtype: torch.dtype) -> torch.Tensor:
-    """IEEE bit patterns of ``|tau|`` in ``select_dtype`` as int64, ``tau`` ``[K, m]``."""
+    """IEEE bit patterns of ``|tau|`` in ``select_dtype`` (int32 for float32, int64 for float64),
+    ``tau`` ``[K, m]``: non-negative, so they order as the magnitudes do."""
     mag = tau.abs().to(select_dtype)
-    if select_dtype == torch.float32:
-        return mag.view(torch.int32).to(torch.int64)
-    return mag.view(torch.int64)
+    return mag.view(torch.int32 if select_dtype == torch.float32 else torch.int64)
 
 
 def kth_largest_magnitude(stream: Callable[[], Iterable[torch.Tensor]], k, rows: int,
@@ -40,31 +38,31 @@ def kth_largest_magnitude(stream: Callable[[], Iterable[torch.Tensor]], k, rows:
 
     Radix select: ``stream()`` (chunks ``[rows, m]``) is replayed once per 16-bit digit of the
     magnitudes' bit patterns (most significant first), each time histogramming the digit of the
-    entries whose higher bits equal the prefix chosen so far. ``k`` is an int or
-    a ``[rows]`` int64 tensor. Returns ``(threshold, ties)``, both ``[rows]`` on the CPU: the
-    values in ``select_dtype``, and how many entries equal to the threshold are among the
-    ``k[r]`` largest.
+    entries whose higher bits equal the prefix chosen so far (the others are counted in one
+    spare bin per row, which is dropped). ``k`` is an int or a ``[rows]`` int64 tensor. Returns
+    ``(threshold, ties)``, both ``[rows]`` on the CPU: the values in ``select_dtype``, and how
+    many entries equal to the threshold are among the ``k[r]`` largest.
     """
     nbits = 32 if select_dtype == torch.float32 else 64
+    bins = _DIGIT_BINS + 1  # the digits, then the spare bin of entries off the prefix
     prefix = torch.zeros(rows, dtype=torch.int64)
-    prefix_mask = torch.zeros(rows, dtype=torch.int64)
     remaining = torch.as_tensor(k, dtype=torch.int64).expand(rows).clone()
-    row_offset = torch.arange(rows, dtype=torch.int64) * _DIGIT_BINS
     for shift in range(nbits - _DIGIT_BITS, -1, -_DIGIT_BITS):
-        hist = torch.zeros(rows * _DIGIT_BINS, dtype=torch.int64)
+        hist = torch.zeros(rows * bins, dtype=torch.int64)
         for tau in stream():
-            mask_d, prefix_d, offset_d = (x.to(tau.device)[:, None] for x in (prefix_mask, prefix, row_offset))
             bits = magnitude_bits(tau, select_dtype)
-            match = (bits & mask_d) == prefix_d
-            digit = ((bits >> shift) & (_DIGIT_BINS - 1)) + offset_d
-            hist += torch.bincount(digit[match], minlength=rows * _DIGIT_BINS).cpu()
-        hist = hist.view(rows, _DIGIT_BINS)
+            row_offset = torch.arange(rows, dtype=bits.dtype, device=bits.device)[:, None] * bins
+            digit = (bits >> shift) & (_DIGIT_BINS - 1)
+            if shift + _DIGIT_BITS < nbits:  # higher digits chosen: count only the entries on the prefix
+                high = (prefix >> (shift + _DIGIT_BITS)).to(bits.dtype).to(bits.device)[:, None]
+                digit = torch.where((bits >> (shift + _DIGIT_BITS)) == high, digit, _DIGIT_BINS)
+            hist += torch.bincount((digit + row_offset).view(-1), minlength=rows * bins).cpu()
+        hist = hist.view(rows, bins)[:, :_DIGIT_BINS]
         # at_least[r, d]: matching entries of row r whose digit is >= d (non-increasing in d).
         at_least = torch.cat([hist.flip(1).cumsum(1).flip(1), torch.zeros(rows, 1, dtype=torch.int64)], 1)
         chosen = (at_least[:, :_DIGIT_BINS] >= remaining[:, None]).sum(1) - 1
         remaining -= at_least.gather(1, (chosen + 1)[:, None]).squeeze(1)
         prefix |= chosen << shift
-        prefix_mask |= (_DIGIT_BINS - 1) << shift & _INT64_MAX
     if select_dtype == torch.float32:
         return prefix.to(torch.int32).view(torch.float32), remaining
     return prefix.view(torch.float64), remaining
@@ -131,10 +129,13 @@ class MagnitudeTrim:
         threshold = self.thresholds[key].to(device)[:, None]
         mag = chunk.abs().to(threshold.dtype)
         if self.spec.exact_count:
+            keep = mag > threshold
             tied = mag == threshold
-            order = tied.cumsum(1) + ties_seen.to(device)[:, None]
-            keep = (mag > threshold) | (tied & (order <= self.tie_budget[key].to(device)[:, None]))
-            ties_seen += tied.sum(1).cpu()
+            tied_count = tied.sum(1).cpu()
+            if bool(tied_count.any()):  # rare: the position order of the tied entries decides
+                order = tied.cumsum(1) + ties_seen.to(device)[:, None]
+                keep |= tied & (order <= self.tie_budget[key].to(device)[:, None])
+                ties_seen += tied_count
         else:
             keep = mag >= threshold
         return torch.where(keep, chunk, torch.zeros((), dtype=chunk.dtype, device=chunk.device))
