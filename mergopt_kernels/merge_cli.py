@@ -20,6 +20,8 @@ The config file (YAML or JSON) has mergekit's layout, for the methods both packa
       normalize: true             # TIES: true = disjoint mean, false = sum
       per_tensor: false
       exact_count: false
+      count_rounding: nearest     # TIES keep count density * n: nearest | down
+      zero_sign: majority         # TIES sign where the sum is 0: majority | positive
       drop_rate: 0.5              # DARE (paper conventions)
       rescale: inverse            # inverse | l1 | none (true = l1, false = none, as in mergekit)
       seed: 0
@@ -33,11 +35,13 @@ the flags are: every error in it, like every error about the inputs and the outp
 status 2 and one line naming the key, the file or the entry. An option the method does not use
 is refused. ``conventions: mergekit`` makes unset options mergekit 0.1.5's, for the options the
 method uses: ``lambda`` 1, per-tensor trim, ``density`` 1, ``normalize`` true for ``ties`` and
-false for ``dare_ties``, DARE ``rescale`` l1, and for the DARE methods ``density`` is the keep
-fraction (``drop_rate = 1 - density``), with no magnitude trim in ``dare_ties``. Differences that remain: mergekit keeps
-``max(1, int(density * n))`` entries per tensor where we keep ``floor(density * n + 1/2)``,
-its DARE masks come from ``torch.bernoulli`` (ours from the Philox stream of ``merging``), and
-it elects +1 where the sign sum is exactly 0 (we take the model's majority sign).
+false for ``dare_ties``, DARE ``rescale`` l1, the keep count ``int(density * n)``
+(``count_rounding: down``), +1 where the sign sum is 0 (``zero_sign: positive``), and for the
+DARE methods ``density`` is the keep fraction (``drop_rate = 1 - density``), with no magnitude
+trim in ``dare_ties``. Differences that remain: mergekit's DARE masks come from
+``torch.bernoulli`` (ours from the Philox stream of ``merging``), and of the entries tied with
+the k-th largest magnitude it keeps those its (unstable) argsort puts first, where we keep the
+first in position order.
 """
 
 from __future__ import annotations
@@ -65,7 +69,7 @@ def _size(text: str) -> int:
 def add_merge_parser(commands) -> argparse.ArgumentParser:
     """Add the ``merge`` subcommand to an ``add_subparsers()`` object; returns its parser."""
     from .merge_io import DEFAULT_MAX_SHARD_SIZE
-    from .merging import MERGE_FUNCS, METHODS, RESCALES
+    from .merging import COUNT_ROUNDINGS, MERGE_FUNCS, METHODS, RESCALES, ZERO_SIGNS
     from .merge_plan import KEY_POLICIES, NON_FLOAT_POLICIES
 
     merge = commands.add_parser(
@@ -88,6 +92,11 @@ def add_merge_parser(commands) -> argparse.ArgumentParser:
     merge.add_argument("--per-tensor", action="store_true", help="TIES: top-k within each tensor (mergekit)")
     merge.add_argument("--exact-count", action="store_true", help="TIES: keep exactly k entries, ties by position")
     merge.add_argument("--merge-func", choices=MERGE_FUNCS, help="TIES: mean (default) or sum of agreeing entries")
+    merge.add_argument("--count-rounding", choices=COUNT_ROUNDINGS,
+                       help="TIES: keep count density * n rounded to the nearest (default) or down (mergekit)")
+    merge.add_argument("--zero-sign", choices=ZERO_SIGNS,
+                       help="TIES: sign where the weighted sum is 0: the model's majority (default) or positive "
+                            "(mergekit)")
     merge.add_argument("--rescale", choices=RESCALES, help="DARE rescale of kept entries (default inverse)")
     merge.add_argument("--ties", action="store_true", help="DARE: merge the rescaled vectors with TIES")
     merge.add_argument("--keys", choices=KEY_POLICIES, help="keys not in every input (default strict: an error)")
@@ -103,7 +112,8 @@ def add_merge_parser(commands) -> argparse.ArgumentParser:
     return merge
 
 
-_FLAG_OPTIONS = ("scaling", "weights", "density", "drop_rate", "seed", "merge_func", "rescale", "keys", "non_float")
+_FLAG_OPTIONS = ("scaling", "weights", "density", "drop_rate", "seed", "merge_func", "count_rounding", "zero_sign",
+                 "rescale", "keys", "non_float")
 _SWITCH_OPTIONS = ("per_tensor", "exact_count", "ties", "promote_dtypes", "allow_non_finite")
 
 

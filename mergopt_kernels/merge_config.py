@@ -64,6 +64,8 @@ class Parameters(BaseModel):
     normalize: bool | None = None
     per_tensor: bool | None = None
     exact_count: bool | None = None
+    count_rounding: Literal["nearest", "down"] | None = None
+    zero_sign: Literal["majority", "positive"] | None = None
     rescale: Literal["inverse", "l1", "none"] | bool | None = None
     seed: Annotated[int, Field(ge=0, le=MASK64)] | None = None  # validation.check_seed's range
     ties: bool | None = None
@@ -197,8 +199,10 @@ def _mergekit_defaults(method: str, dare_ties: bool) -> dict:
         return {}
     defaults = {"scaling": 1.0}
     if method == "ties" or dare_ties:
-        # mergekit keeps exactly int(density * n) entries per tensor (its argsort's top k)
-        defaults.update(per_tensor=True, exact_count=True, merge_func="sum" if dare_ties else "mean")
+        # mergekit keeps exactly int(density * n) entries per tensor (its argsort's top k) and
+        # elects +1 where the weighted sum is 0
+        defaults.update(per_tensor=True, exact_count=True, merge_func="sum" if dare_ties else "mean",
+                        count_rounding="down", zero_sign="positive")
     if method != "task_arithmetic":
         defaults["density"] = 1.0  # for DARE the keep fraction, made a drop rate by ``resolve``
     if method == "dare":

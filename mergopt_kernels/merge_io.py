@@ -275,7 +275,8 @@ def merge_checkpoints(method: str, base, experts: Sequence, out, *, max_shard_si
         max_shard_size: bytes of tensor data per output shard.
         progress: ``progress(items, description, total)`` around each pass over the tensors.
         **options: the merge options of ``merging.merge_spec`` (``scaling``, ``weights``,
-            ``density``, ``per_tensor``, ``exact_count``, ``merge_func``, ``drop_rate``, ``seed``,
+            ``density``, ``per_tensor``, ``exact_count``, ``merge_func``, ``count_rounding``,
+            ``zero_sign``, ``drop_rate``, ``seed``,
             ``rescale``, ``ties``) and the input policies ``keys``, ``non_float``,
             ``promote_dtypes`` (``merge_plan``).
     Returns:

@@ -27,16 +27,17 @@ Common rules
 
 TIES-Merging (``ties_merging``)
     1. Trim: expert ``i`` keeps the ``k_i = max(1, floor(density_i * n + 1/2))`` entries of
-       ``tau_i`` with the largest magnitude, ``n`` counting the float entries of the whole model
-       (default; FusionBench) or of one tensor (``per_tensor=True``; mergekit, which keeps
-       ``max(1, int(density * n))``). An entry is kept when ``|tau_i| >= t_i``, ``t_i`` the exact
+       ``tau_i`` with the largest magnitude (``count_rounding="down"``: ``max(1, floor(density_i
+       * n))``, mergekit's ``int(density * n)``), ``n`` counting the float entries of the whole
+       model (default; FusionBench) or of one tensor (``per_tensor=True``; mergekit). An entry is kept when ``|tau_i| >= t_i``, ``t_i`` the exact
        ``k_i``-th largest magnitude, so entries tied with ``t_i`` are all kept (FusionBench's rule);
        with ``exact_count=True`` exactly ``k_i`` are kept: of the entries equal to ``t_i``, the
        first ones in sorted key order and then element order (never the inputs' key order).
     2. Elect: ``sign = sign(sum_i w_i trimmed_i)`` per element. Where that sum is 0, the element
        takes the majority sign: the sign of ``(#elements elected +) - (#elements elected -)``
        counted over the whole model (as FusionBench does over its flattened model), +1 on a tie.
-       (mergekit takes +1 for each such element; it matters only where nonzero entries cancel.)
+       With ``zero_sign="positive"`` it takes +1 (mergekit), and the pass that counts the
+       majority is left out. Either matters only where nonzero entries cancel exactly.
     3. Disjoint merge of the entries that are nonzero and agree with the elected sign:
        ``merge_func="mean"`` (default; FusionBench ``merge_func=mean``, mergekit
        ``normalize: true``) gives ``sum_i w_i trimmed_i / sum_i w_i`` over those entries, 0 where
@@ -85,14 +86,16 @@ import torch
 from .merge.driver import merge_tensors
 from .merge.registry import METHODS, REGISTRY, TIES_OPTIONS, MergeMethod
 from .merge.sparsify import kth_largest_magnitude as _kth_largest_magnitude  # noqa: F401 (tested directly)
-from .merge.spec import MERGE_FUNCS, OPTION_DEFAULTS, RESCALES, MergeSpec, Progress, merge_spec
+from .merge.spec import (COUNT_ROUNDINGS, MERGE_FUNCS, OPTION_DEFAULTS, RESCALES, ZERO_SIGNS, MergeSpec, Progress,
+                         merge_spec)
 from .merge.task_vectors import CHUNK, linear
 from .merge_plan import MappingSource, plan_entries
 
 StateDict = Mapping[str, torch.Tensor]
 
 __all__ = ["weight_average", "task_arithmetic", "ties_merging", "dare", "MergeSpec", "merge_spec", "merge_tensors",
-           "MergeMethod", "REGISTRY", "METHODS", "MERGE_FUNCS", "RESCALES", "OPTION_DEFAULTS", "CHUNK", "Progress"]
+           "MergeMethod", "REGISTRY", "METHODS", "MERGE_FUNCS", "RESCALES", "COUNT_ROUNDINGS", "ZERO_SIGNS",
+           "OPTION_DEFAULTS", "CHUNK", "Progress"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,6 +205,7 @@ def task_arithmetic(base: StateDict, experts: Sequence[StateDict], scaling: floa
 def ties_merging(base: StateDict, experts: Sequence[StateDict], scaling: float = 0.3,
                  density: float | Sequence[float] = 0.2, per_tensor: bool = False, *,
                  weights: Sequence[float] | None = None, exact_count: bool = False, merge_func: str = "mean",
+                 count_rounding: str = "nearest", zero_sign: str = "majority",
                  keys: str = "strict", non_float: str = "error", promote_dtypes: bool = False,
                  allow_non_finite: bool = False) -> dict[str, torch.Tensor]:
     """TIES-Merging: trim each task vector to its top-``density`` magnitudes, elect signs, disjoint mean.
@@ -220,23 +224,29 @@ def ties_merging(base: StateDict, experts: Sequence[StateDict], scaling: float =
         exact_count: keep exactly ``k`` entries per expert, breaking ties at the threshold by
             position, instead of every entry tied with the k-th largest.
         merge_func: ``"mean"`` (disjoint mean) or ``"sum"`` of the agreeing entries.
+        count_rounding: ``k = density * n`` rounded to the ``"nearest"`` integer (default) or
+            ``"down"`` (mergekit), at least 1.
+        zero_sign: the sign elected where the weighted sum is 0: the whole model's
+            ``"majority"`` sign (default; FusionBench) or ``"positive"`` (mergekit; one pass fewer).
         {inputs}
     Returns:
         A new state dict in the base's key order and dtypes; non-float entries copied from the base.
     Raises:
         TypeError / ValueError: no experts; mismatched keys, shapes, dtypes or non-float entries;
-        density not in (0, 1]; non-finite scaling; unknown merge_func.
+        density not in (0, 1]; non-finite scaling; unknown merge_func, count_rounding or zero_sign.
     """
     return _merge_state_dicts("ties", base, experts, keys, non_float, promote_dtypes, scaling=scaling,
                               density=density, per_tensor=per_tensor, weights=weights, exact_count=exact_count,
-                              merge_func=merge_func, allow_non_finite=allow_non_finite)
+                              merge_func=merge_func, count_rounding=count_rounding, zero_sign=zero_sign,
+                              allow_non_finite=allow_non_finite)
 
 
 def dare(base: StateDict, experts: Sequence[StateDict], scaling: float = 0.3,
          drop_rate: float | Sequence[float] = 0.5, seed: int = 0, ties: bool = False,
          density: float | Sequence[float] | None = None, *, weights: Sequence[float] | None = None,
          rescale: str = "inverse", per_tensor: bool | None = None, exact_count: bool | None = None,
-         merge_func: str | None = None, keys: str = "strict",
+         merge_func: str | None = None, count_rounding: str | None = None, zero_sign: str | None = None,
+         keys: str = "strict",
          non_float: str = "error", promote_dtypes: bool = False, allow_non_finite: bool = False) -> dict[str, torch.Tensor]:
     """DARE: randomly drop task-vector entries, rescale the rest, then merge.
 
@@ -254,8 +264,9 @@ def dare(base: StateDict, experts: Sequence[StateDict], scaling: float = 0.3,
         density: TIES trim density (default 0.2), only with ``ties=True`` (refused without).
         weights: per-expert weights (default all 1).
         rescale: ``"inverse"`` (divide kept entries by 1 - p), ``"l1"`` or ``"none"``.
-        per_tensor / exact_count / merge_func: TIES options (defaults ``False``, ``False``,
-            ``"mean"``), only with ``ties=True`` (refused without).
+        per_tensor / exact_count / merge_func / count_rounding / zero_sign: TIES options
+            (defaults ``False``, ``False``, ``"mean"``, ``"nearest"``, ``"majority"``; see
+            ``ties_merging``), only with ``ties=True`` (refused without).
         {inputs}
     Returns:
         A new state dict in the base's key order and dtypes; non-float entries copied from the base.
@@ -264,7 +275,8 @@ def dare(base: StateDict, experts: Sequence[StateDict], scaling: float = 0.3,
         drop_rate not in [0, 1); density not in (0, 1]; non-finite scaling; seed not an integer
         in [0, 2**64).
     """
-    tie_options = {name: value for name, value in zip(TIES_OPTIONS, (density, per_tensor, exact_count, merge_func))
+    tie_options = {name: value for name, value in zip(TIES_OPTIONS, (density, per_tensor, exact_count, merge_func,
+                                                                      count_rounding, zero_sign))
                    if value is not None}
     return _merge_state_dicts("dare", base, experts, keys, non_float, promote_dtypes, scaling=scaling,
                               drop_rate=drop_rate, seed=seed, ties=ties, weights=weights, rescale=rescale,

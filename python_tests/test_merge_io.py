@@ -238,7 +238,7 @@ def test_config_mergekit_conventions_map_to_options(tmp_path):
     method, base, experts, options = options_from_config(tmp_path / "c.json")
     assert (method, base, experts) == ("dare", str(tmp_path / "b"), [str(tmp_path / "x"), str(tmp_path / "y")])
     assert options == dict(scaling=1.0, per_tensor=True, exact_count=True, density=1.0, rescale="l1", merge_func="sum",
-                           ties=True,
+                           ties=True, count_rounding="down", zero_sign="positive",
                            weights=[0.5, 1.0], drop_rate=[pytest.approx(0.3), pytest.approx(0.6)])
     (tmp_path / "p.json").write_text(json.dumps({"merge_method": "linear", "models": [{"model": "x"}]}))
     assert options_from_config(tmp_path / "p.json") == ("weight_average", None, [str(tmp_path / "x")], {})
@@ -296,6 +296,10 @@ def test_config_coerces_switches_as_mergekit_does(tmp_path):
         assert options == dict(merge_func="mean" if expected else "sum", per_tensor=expected, density=0.5), text
 
 
+# The TIES options ``conventions: mergekit`` sets besides lambda and the per-tensor trim.
+MERGEKIT_TIES = dict(exact_count=True, count_rounding="down", zero_sign="positive")
+
+
 def test_python_api_takes_the_config_object(tmp_path):
     """MergeConfig built in Python (keyword arguments), conventions: mergekit, gives mergekit's TIES defaults."""
     seed = torch.seed() % 2**31
@@ -305,7 +309,7 @@ def test_python_api_takes_the_config_object(tmp_path):
                                  for path in experts])
     out = merge_from_config(config, tmp_path / "out")
     expected = merging.ties_merging(base_sd, expert_sds, 1.0, 0.5, True, weights=[0.5] * 3, merge_func="mean",
-                                    exact_count=True)
+                                    **MERGEKIT_TIES)
     assert_equal_state(read_folder(out), expected), f"seed {seed}"
     assert MergeConfig.from_options("ties", base, experts, density=0.5, per_tensor=True, scaling=1.0,
                                     weights=[0.5] * 3).resolve()[3] == dict(
@@ -412,7 +416,7 @@ def test_peak_memory_within_bound(method, options, tmp_path):
 README_MERGES = {  # the README's merge snippets and the in-memory merge each equals
     "merge": lambda base, experts: merging.ties_merging(base, experts, 0.3, 0.2),
     "merge-config": lambda base, experts: merging.ties_merging(base, experts, 1.0, 0.5, True, weights=[0.5, 0.5],
-                                                               exact_count=True),
+                                                               **MERGEKIT_TIES),
 }
 
 

@@ -49,7 +49,8 @@ def ours(case: str) -> dict[str, torch.Tensor]:
         return merging.task_arithmetic(BASE, EXPERTS, scaling, weights=weights)
     normalize = config.get("parameters", {}).get("normalize", True)
     return merging.ties_merging(BASE, EXPERTS, scaling, model_options(case, "density"), per_tensor=True,
-                                weights=weights, merge_func="mean" if normalize else "sum")
+                                weights=weights, merge_func="mean" if normalize else "sum", exact_count=True,
+                                count_rounding="down", zero_sign="positive")
 
 
 def tolerance(case: str, key: str) -> torch.Tensor | float:

@@ -62,7 +62,7 @@ def assert_close(actual, expected, atol, rtol=0.0):
 # ---------------------------------------------------------------------------------------------
 
 def ties_reference(base, experts, scaling, density, per_tensor=False, taus=None, weights=None,
-                   merge_func="mean", exact_count=False):
+                   merge_func="mean", exact_count=False, count_rounding="nearest", zero_sign="majority"):
     """TIES on the flattened model with sorts. ``density`` one value or one per expert; with
     ``exact_count`` the k largest by a stable sort (ties: lowest index first)."""
     keys = float_keys(base)
@@ -83,7 +83,8 @@ def ties_reference(base, experts, scaling, density, per_tensor=False, taus=None,
     for lo, hi in segments:
         for r in range(rows):
             part = flat[r, lo:hi]
-            k = min(hi - lo, max(1, math.floor(densities[r] * (hi - lo) + 0.5)))
+            wanted = densities[r] * (hi - lo) + (0.5 if count_rounding == "nearest" else 0.0)
+            k = min(hi - lo, max(1, math.floor(wanted)))
             order = part.abs().sort(descending=True, stable=True)
             if exact_count:
                 keep = torch.zeros(hi - lo, dtype=torch.bool)
@@ -94,7 +95,7 @@ def ties_reference(base, experts, scaling, density, per_tensor=False, taus=None,
     w = torch.ones(rows) if weights is None else torch.tensor(weights, dtype=torch.float32)
     weighted = trimmed * w[:, None]
     sign = torch.sign(weighted.sum(0))
-    majority = 1.0 if (sign > 0).sum() >= (sign < 0).sum() else -1.0
+    majority = 1.0 if zero_sign == "positive" or (sign > 0).sum() >= (sign < 0).sum() else -1.0
     sign[sign == 0] = majority
     agree = torch.where(sign > 0, weighted > 0, weighted < 0)
     merged = (weighted * agree).double().sum(0)
@@ -501,6 +502,27 @@ def test_ties_weights_densities_and_merge_func_match_brute_force(merge_func, per
         assert_close(out[key], ref[key], atol=16 * EPS32 * 4), f"seed {seed}"
 
 
+@pytest.mark.parametrize("per_tensor", [False, True])
+@pytest.mark.parametrize("count_rounding, zero_sign", [("down", "positive"), ("down", "majority"),
+                                                       ("nearest", "positive")])
+def test_ties_count_rounding_and_zero_sign_match_brute_force(per_tensor, count_rounding, zero_sign, fresh_seed):
+    # Entries of the experts cancel exactly on a quarter of the elements (a zero sign sum where
+    # the trim keeps both), and most elected signs are negative: the zero sign decides there.
+    gen = torch.Generator().manual_seed(fresh_seed & 0x7FFFFFFF)
+    base = {"a": torch.zeros(203), "b": torch.zeros(7, 13)}
+    first = {key: -torch.rand(v.shape, generator=gen) - 0.1 for key, v in base.items()}
+    second = {key: torch.where(torch.rand(v.shape, generator=gen) < 0.25, -first[key],
+                               -torch.rand(v.shape, generator=gen)) for key, v in base.items()}
+    experts, density = [first, second], 0.55   # d n is not an integer: the roundings differ
+    options = dict(per_tensor=per_tensor, exact_count=True, count_rounding=count_rounding, zero_sign=zero_sign)
+    out = ties_merging(base, experts, 1.0, density, **options)
+    ref = ties_reference(base, experts, 1.0, density, **options)
+    paper = ties_merging(base, experts, 1.0, density, per_tensor=per_tensor, exact_count=True)
+    for key in base:
+        assert_close(out[key], ref[key], atol=4 * EPS32), f"seed {fresh_seed}"
+    assert any(not torch.equal(out[key], paper[key]) for key in base), f"seed {fresh_seed}"
+
+
 def test_ties_exact_count_hand_case():
     # k = 2 of 5 with a 3-way tie at the threshold: exact_count keeps the first two tied entries
     base = {"w": t(0.0, 0.0, 0.0, 0.0, 0.0)}
@@ -662,7 +684,7 @@ def test_density_one_keeps_all_without_selecting(per_tensor, exact_count, monkey
                 dare(base, experts, 1.0, drop_rate=0.3, ties=True, density=1.0, **options)]
 
     shortcut = merges()
-    monkeypatch.setattr(sparsify, "keeps_all", lambda density, n: False)
+    monkeypatch.setattr(sparsify, "keeps_all", lambda density, n, rounding: False)
     for fast, selected in zip(shortcut, merges()):
         for key in fast:
             assert torch.equal(fast[key].view(torch.int16 if fast[key].dtype == torch.bfloat16 else torch.int32),

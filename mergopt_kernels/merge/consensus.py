@@ -55,15 +55,19 @@ def ties_entries(spec: MergeSpec, base: TensorSource, experts: Sequence[TensorSo
             del entry_vectors  # free before the next entry is read
 
     trim = MagnitudeTrim(spec, ties_entries, stream, rows)
-    # Pass: the majority sign over the whole model, for elements whose summed sign is 0.
-    balance = 0
-    for entry, entry_vectors in vectors("TIES signs"):
-        trim.prepare(entry, entry_vectors)
-        for _, _, _, sign in ties_chunks(trim, spec, entry, entry_vectors):
-            balance += int(sign.sum(dtype=torch.int64))
-        del entry_vectors
-    majority = 1.0 if balance >= 0 else -1.0
+    majority, prepared = 1.0, False
+    if spec.zero_sign == "majority":
+        # Pass: the majority sign over the whole model, for elements whose summed sign is 0.
+        balance = 0
+        for entry, entry_vectors in vectors("TIES signs"):
+            trim.prepare(entry, entry_vectors)
+            for _, _, _, sign in ties_chunks(trim, spec, entry, entry_vectors):
+                balance += int(sign.sum(dtype=torch.int64))
+            del entry_vectors
+        majority, prepared = (1.0 if balance >= 0 else -1.0), True
     for entry, entry_vectors in vectors("merging"):
+        if not prepared:
+            trim.prepare(entry, entry_vectors)
         out = torch.empty(entry.numel, dtype=entry.dtype, device=entry_vectors.experts.device)
         for part, ref, trimmed, sign in ties_chunks(trim, spec, entry, entry_vectors):
             out[part] = ref + spec.scaling * disjoint_merge(trimmed, sign, majority, spec)

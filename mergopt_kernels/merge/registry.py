@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
-TIES_OPTIONS = ("density", "per_tensor", "exact_count", "merge_func")
+TIES_OPTIONS = ("density", "per_tensor", "exact_count", "merge_func", "count_rounding", "zero_sign")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,8 +21,11 @@ _DIGIT_BITS = 16
 _DIGIT_BINS = 1 << _DIGIT_BITS
 
 
-def keep_count(density: float, n: int) -> int:
-    return min(n, max(1, math.floor(density * n + 0.5)))
+def keep_count(density: float, n: int, rounding: str = "nearest") -> int:
+    """Entries an expert keeps of ``n`` at ``density``: ``density * n`` rounded to the nearest
+    integer (halves up) or ``"down"`` (mergekit's ``int(density * n)``), at least 1, at most ``n``."""
+    kept = math.floor(density * n + 0.5) if rounding == "nearest" else math.floor(density * n)
+    return min(n, max(1, kept))
 
 
 def magnitude_bits(tau: torch.Tensor, select_dtype: torch.dtype) -> torch.Tensor:
@@ -68,9 +71,9 @@ def kth_largest_magnitude(stream: Callable[[], Iterable[torch.Tensor]], k, rows:
     return prefix.view(torch.float64), remaining
 
 
-def keeps_all(density: Sequence[float], n: int) -> bool:
+def keeps_all(density: Sequence[float], n: int, rounding: str) -> bool:
     """Whether every expert keeps all ``n`` entries (``density`` 1, as in mergekit's dare_ties)."""
-    return all(keep_count(d, n) == n for d in density)
+    return all(keep_count(d, n, rounding) == n for d in density)
 
 
 class MagnitudeTrim:
@@ -86,11 +89,11 @@ class MagnitudeTrim:
         if spec.per_tensor or not entries:
             return
         n = sum(entry.numel for entry in entries)
-        if keeps_all(spec.density, n):
+        if keeps_all(spec.density, n, spec.count_rounding):
             self.thresholds = dict.fromkeys((e.key for e in entries), None)
             return
         select_dtype = torch.float64 if any(e.compute_dtype == torch.float64 for e in entries) else torch.float32
-        k = torch.tensor([keep_count(d, n) for d in spec.density], dtype=torch.int64)
+        k = torch.tensor([keep_count(d, n, spec.count_rounding) for d in spec.density], dtype=torch.int64)
         threshold, ties = kth_largest_magnitude(lambda: (tau for _, tau in stream("TIES threshold")), k, rows,
                                                  select_dtype)
         self.thresholds = dict.fromkeys((e.key for e in entries), threshold)
@@ -107,10 +110,11 @@ class MagnitudeTrim:
 
     def prepare(self, entry: Entry, vectors) -> None:
         """Fix the threshold and tie budget of ``entry`` when they are per tensor; call once per entry."""
-        if self.spec.per_tensor and keeps_all(self.spec.density, entry.numel):
+        if self.spec.per_tensor and keeps_all(self.spec.density, entry.numel, self.spec.count_rounding):
             self.thresholds[entry.key] = None
         elif self.spec.per_tensor:
-            k = torch.tensor([keep_count(d, entry.numel) for d in self.spec.density], dtype=torch.int64)
+            k = torch.tensor([keep_count(d, entry.numel, self.spec.count_rounding) for d in self.spec.density],
+                             dtype=torch.int64)
             self.thresholds[entry.key], ties = kth_largest_magnitude(vectors.taus, k, self.rows, entry.compute_dtype)
             if self.spec.exact_count:
                 self.tie_budget[entry.key] = ties

@@ -12,6 +12,8 @@ from .registry import METHODS, REGISTRY, MergeMethod
 Progress = Callable[[Iterable, str, int], Iterable]
 MERGE_FUNCS = ("mean", "sum")
 RESCALES = ("inverse", "l1", "none")
+COUNT_ROUNDINGS = ("nearest", "down")
+ZERO_SIGNS = ("majority", "positive")
 
 
 def _real(name: str, value) -> float:
@@ -51,6 +53,8 @@ class MergeSpec:
     seed: int
     rescale: str
     ties: bool
+    count_rounding: str = "nearest"
+    zero_sign: str = "majority"
     allow_non_finite: bool = False
 
     @property
@@ -71,7 +75,8 @@ class MergeSpec:
 
 # option -> its value when not given
 OPTION_DEFAULTS = {"scaling": 0.3, "weights": None, "density": 0.2, "per_tensor": False, "exact_count": False,
-                   "merge_func": "mean", "drop_rate": 0.5, "seed": 0, "rescale": "inverse", "ties": False}
+                   "merge_func": "mean", "drop_rate": 0.5, "seed": 0, "rescale": "inverse", "ties": False,
+                   "count_rounding": "nearest", "zero_sign": "majority"}
 
 
 def merge_spec(method: str, num_experts: int, *, allow_non_finite: bool = False, **options) -> MergeSpec:
@@ -88,6 +93,9 @@ def merge_spec(method: str, num_experts: int, *, allow_non_finite: bool = False,
         weights: ``None`` (every expert 1) or K finite reals.
         density: TIES keep fraction in (0, 1], one or K values.
         per_tensor / exact_count / merge_func: TIES trim scope, exact keep count, mean or sum.
+        count_rounding: TIES keep count ``density * n`` rounded ``"nearest"`` or ``"down"``.
+        zero_sign: TIES sign of an element whose weighted sum is 0: the model's ``"majority"``
+            sign or ``"positive"``.
         drop_rate: DARE drop probability in [0, 1), one or K values.
         seed: DARE mask seed, an integer in [0, 2**64).
         rescale: DARE rescale of kept entries, ``"inverse"``, ``"l1"`` or ``"none"``.
@@ -107,8 +115,8 @@ def merge_spec(method: str, num_experts: int, *, allow_non_finite: bool = False,
         raise ValueError(f"{method}{' without ties' if method == 'dare' else ''} does not use {unused}; "
                          f"its options are {list(used)}")
     values = {**OPTION_DEFAULTS, **options}
-    scaling, weights, density, per_tensor, exact_count, merge_func, drop_rate, seed, rescale, ties = (
-        values[name] for name in OPTION_DEFAULTS)
+    (scaling, weights, density, per_tensor, exact_count, merge_func, drop_rate, seed, rescale, ties,
+     count_rounding, zero_sign) = (values[name] for name in OPTION_DEFAULTS)
     scaling = _real("scaling", scaling)
     if weights is not None:
         if not isinstance(weights, Sequence) or isinstance(weights, str):
@@ -121,4 +129,6 @@ def merge_spec(method: str, num_experts: int, *, allow_non_finite: bool = False,
     seed = check_seed("seed", seed)
     return MergeSpec(method, num_experts, scaling, weights, density, bool(per_tensor), bool(exact_count),
                      check_choice("merge_func", merge_func, MERGE_FUNCS), drop_rate, int(seed),
-                     check_choice("rescale", rescale, RESCALES), bool(ties), bool(allow_non_finite))
+                     check_choice("rescale", rescale, RESCALES), bool(ties),
+                     check_choice("count_rounding", count_rounding, COUNT_ROUNDINGS),
+                     check_choice("zero_sign", zero_sign, ZERO_SIGNS), bool(allow_non_finite))
