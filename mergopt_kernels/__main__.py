@@ -8,25 +8,21 @@ import dataclasses
 import sys
 import time
 
+from .validation import cli_type, finite_number, positive_integer
+
 DEFAULT_OUT = "mergopt_demo_out"
 INSTALL_DEMO = "pip install 'mergopt_kernels[demo]'"
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+_positive_int = cli_type(int, positive_integer, "a positive integer")
+
+
+def _non_negative(name: str, value: float) -> float:
+    finite_number(name, value, minimum=0.0)
     return value
 
 
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
+_non_negative_float = cli_type(float, _non_negative, "a finite number >= 0")
 
 
 DEMO_EXTRA_MODULES = ("tqdm", "sklearn", "matplotlib")  # the [demo] extra

@@ -47,23 +47,23 @@ first in position order.
 from __future__ import annotations
 
 import argparse
-import math
 
 from .merge_config import MergeConfig
+from .validation import cli_type, number_in
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
-def _size(text: str) -> int:
+def _bytes(text: str) -> float:
+    """``5GB``, ``500MiB``, ``1000000``: the number of bytes (``ValueError`` for another form)."""
     number = text.rstrip("BbKkMmGgIi")
     unit = text[len(number):].upper()
-    try:
-        value = float(number) * SIZE_UNITS[unit]
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"must be a size such as 5GB, 500MiB or 1000000, got {text!r}") from None
-    if not math.isfinite(value) or value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
-    return int(value)
+    if unit not in SIZE_UNITS:
+        raise ValueError(text)
+    return float(number) * SIZE_UNITS[unit]
+
+
+_size = cli_type(_bytes, lambda name, value: int(number_in(name, value, 1)), "a size such as 5GB, 500MiB or 1000000")
 
 
 def add_merge_parser(commands) -> argparse.ArgumentParser:

@@ -4,8 +4,10 @@ nothing (``check_flag`` normalises a valid flag in place)."""
 
 from __future__ import annotations
 
+import argparse
 import math
 import numbers
+from collections.abc import Callable
 from typing import Optional
 
 import numpy
@@ -39,10 +41,22 @@ def number_in(name: str, value, low: Optional[float] = None, high: Optional[floa
     value = float(value)
     if (low is not None and (value <= low if low_open else value < low)) or \
             (high is not None and (value >= high if high_open else value > high)):
-        interval = (f"{'(' if low_open else '['}{'-inf' if low is None else low:g}, "
-                    f"{'inf' if high is None else high:g}{')' if high_open else ']'}")
+        low_text = "-inf" if low is None else f"{low:g}"
+        high_text = "inf" if high is None else f"{high:g}"
+        opening = "(" if low_open or low is None else "["
+        closing = ")" if high_open or high is None else "]"
+        interval = f"{opening}{low_text}, {high_text}{closing}"
         raise ValueError(f"{name} must be in {interval}, got {value}")
     return value
+
+
+def positive_integer(name: str, value) -> int:
+    """An integer (Python or numpy, not bool) >= 1, as an int."""
+    if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive integer, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value}")
+    return int(value)
 
 
 def check_choice(name: str, value, choices):
@@ -75,3 +89,19 @@ def check_seed(name: str, seed, allow_none: bool = False) -> Optional[int]:
     if not 0 <= seed <= MASK64:
         raise ValueError(f"{name} must be in [0, 2**64), got {seed!r}")
     return int(seed)
+
+
+def cli_type(parse: Callable[[str], object], check: Callable[[str, object], object], what: str) -> Callable[[str], object]:
+    """An argparse ``type``: ``parse`` the text (``what`` names the expected form in the error),
+    then ``check("the value", parsed)`` (one of this module's checks); either failure is an
+    ``argparse.ArgumentTypeError``, which argparse reports with the option's name (exit 2)."""
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        try:
+            return check("the value", value)
+        except (TypeError, ValueError) as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return convert
