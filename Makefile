@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mergopt-installed
 
-.PHONY: setup demo test aot-full kernel-cost gpu-check gpu-check-dry
+.PHONY: setup demo test experiments aot-full kernel-cost gpu-check gpu-check-dry
 
 $(STAMP): requirements.txt requirements-test.txt requirements-deepspeed.txt setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,13 @@ setup: $(STAMP)
 
 demo: setup
 	$(PY) -m mergopt_kernels demo
+
+# The experiment reports in docs/experiments: both protocols at their defaults (digits about
+# 90 s, lm about 15 minutes on a quiet 2-core CPU); each folder gets report.md, results.json and
+# the figures.
+experiments: setup
+	$(PY) -m mergopt_kernels demo --no-progress --out docs/experiments/digits
+	$(PY) -m mergopt_kernels demo --protocol lm --no-progress --out docs/experiments/lm
 
 # DeepSpeed JIT-builds a C++ op against the running torch: one build folder per venv.
 test: setup

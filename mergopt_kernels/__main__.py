@@ -145,48 +145,22 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser):
     return config
 
 
-def run_demo_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    """Run the demo for parsed arguments: print the report and write the outputs."""
+def run_demo_command(args: argparse.Namespace, parser: argparse.ArgumentParser, command: str) -> int:
+    """Run the demo for parsed arguments: print the report and write the outputs (``command``:
+    the command line, recorded in ``report.md``)."""
     import torch
 
-    from .demo import format_table, run_demo, summarise, write_outputs
+    from .demo import run_demo, write_outputs
     from .demo.lm_experiment import run_lm_demo
-    from .demo.report import (format_lambda_sweep, format_matched_norm, format_sweep, format_verdicts, lambda_summary,
-                              lambda_verdicts, low_loss_share, verdicts)
+    from .demo.report import format_report
 
     start = time.perf_counter()
     torch.set_num_threads(args.threads)
     config = _config(args, parser)
     results = (run_lm_demo if args.protocol == "lm" else run_demo)(config)
-    noise, fit = results["noise"], results["noise"]["fit"]
-    print(f"device {config.device}, {torch.get_num_threads()} CPU thread(s); tasks {' '.join(results['tasks'])}")
-    if "base" in results:
-        cache = results["base"]["cache"]
-        print(f"base: {results['base']['parameters']:,} parameters, "
-              f"{'loaded from' if cache['hit'] else 'pre-trained and saved to'} {cache['path']}")
-    print(f"Laplace fit of the pilot AdamW task vectors: mu={fit['mu']:.3g}, b={fit['b']:.3g}, "
-          f"K-S {fit['ks_statistic']:.3f}, avg log-lik {fit['avg_log_likelihood']:.2f} ({fit['n']:,} values); "
-          f"paper Table 10 (LLM task vectors): K-S about 0.10, avg log-lik 5.8 to 6.5")
-    print(f"MergOPT noise: {config.distribution}, scale {noise['scale']:.3g} (from the {noise['source']}); offset "
-          f"E|s| b / lr = {noise['offset']:.1f} Adam steps (the fitted b's: {noise['fitted_offset']:.1f}; paper: "
-          f"5e-4 at lr 2e-5, about 21)")
-    print(f"control (FusedMergOptAdamW, noise off) vs torch.optim.AdamW: largest weight difference "
-          f"{max(results['control_max_abs_diff']):.2e}")
-    if results["matched_norm"]:
-        print(format_matched_norm(results["matched_norm"], results["tasks"], config.finetune.lr))
-    print()
-    metric = ("Task score: exact match (python: next-char accuracy)" if args.protocol == "lm"
-              else "Test accuracy")
-    print(format_table(summarise(results["accuracy"]), results["tasks"], config.seeds, metric))
-    print(format_verdicts(verdicts(results["accuracy"]) + lambda_verdicts(results["lambda_sweep"])))
-    print(format_lambda_sweep(lambda_summary(results["lambda_sweep"]), results["lambda_sweep"]["lambdas"]))
-    if results["sweep"]:
-        print(format_sweep(results))
-    grids = results["artifacts"]["grids"]
-    print(f"merge landscape of {' + '.join(results['landscape']['tasks'])} (seed 0): share of (a1, a2) cells within 10% "
-          f"of the minimum joint loss: AdamW {low_loss_share(grids['adamw']):.2f}, "
-          f"MergOPT {low_loss_share(grids['mergopt']):.2f}")
-    paths = write_outputs(results, args.out)
+    report = format_report(results, config, args.protocol, torch.get_num_threads())
+    print(report)
+    paths = write_outputs(results, args.out, report=report, command=command, wall_s=time.perf_counter() - start)
     print("wrote " + ", ".join(str(path) for path in paths.values()))
     print(f"wall time {time.perf_counter() - start:.1f} s")
     return 0
@@ -195,13 +169,14 @@ def run_demo_command(args: argparse.Namespace, parser: argparse.ArgumentParser) 
 def main(argv=None) -> int:
     """Entry point of ``python -m mergopt_kernels`` and of the ``mergopt-kernels`` script."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if args.command == "merge":
         from .merge_cli import run_merge_command
         return run_merge_command(args, parser)
     if args.missing_extra:
         parser.error(f"the demo needs the [demo] extra (module {args.missing_extra!r} is missing): {INSTALL_DEMO}")
-    return run_demo_command(args, parser)
+    return run_demo_command(args, parser, " ".join(["python -m mergopt_kernels", *argv]))
 
 
 if __name__ == "__main__":

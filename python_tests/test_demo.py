@@ -90,6 +90,20 @@ def quick_results(tmp_path_factory):
     return out, json.loads((out / "results.json").read_text()), printed.getvalue()
 
 
+def test_quick_demo_writes_the_printed_report_as_report_md(quick_results):
+    out, _, printed = quick_results
+    report = (out / "report.md").read_text()
+    command = f"python -m mergopt_kernels demo --quick --no-progress --threads 1 --out {out}"
+    assert report.startswith(f"# `{command}`\n\n")
+    assert "torch " in report and "wall time" in report
+    body = report.split("```text\n", 1)[1].split("\n```", 1)[0]
+    assert body in printed and "MergOPT against each row" in body
+    assert body.splitlines()[0].startswith("device cpu")
+    for name in ("task_vector_histogram.png", "merge_landscape_adamw.png", "merge_landscape_mergopt.png",
+                 "lambda_curves.png"):
+        assert f"({name})" in report
+
+
 def test_quick_demo_writes_results_and_figures(quick_results):
     out, data, _ = quick_results
     for name in ("task_vector_histogram.png", "merge_landscape_adamw.png", "merge_landscape_mergopt.png",

@@ -6,6 +6,7 @@ figures (task-vector histogram with its Laplace fit; two-expert merge landscapes
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -260,10 +261,60 @@ def plot_lambda_curves(entries: list[dict], lambdas, path, title: str) -> Path:
     return path
 
 
-def write_outputs(results: dict, out_dir) -> dict[str, Path]:
+def format_report(results: dict, config, protocol: str, threads: int) -> str:
+    """The report the demo prints: the set-up (device, base, the Laplace fit, the noise and its
+    offset, the noise-off control's check, the matched-norm lrs), the summary table, the
+    verdicts, the lambda sweep, the noise sweep (``--large``) and the merge landscape's share."""
+    noise, fit = results["noise"], results["noise"]["fit"]
+    lines = [f"device {config.device}, {threads} CPU thread(s); tasks {' '.join(results['tasks'])}"]
+    if "base" in results:
+        cache = results["base"]["cache"]
+        lines.append(f"base: {results['base']['parameters']:,} parameters, "
+                     f"{'loaded from' if cache['hit'] else 'pre-trained and saved to'} {cache['path']}")
+    lines.append(f"Laplace fit of the pilot AdamW task vectors: mu={fit['mu']:.3g}, b={fit['b']:.3g}, "
+                 f"K-S {fit['ks_statistic']:.3f}, avg log-lik {fit['avg_log_likelihood']:.2f} ({fit['n']:,} values); "
+                 f"paper Table 10 (LLM task vectors): K-S about 0.10, avg log-lik 5.8 to 6.5")
+    lines.append(f"MergOPT noise: {config.distribution}, scale {noise['scale']:.3g} (from the {noise['source']}); "
+                 f"offset E|s| b / lr = {noise['offset']:.1f} Adam steps (the fitted b's: "
+                 f"{noise['fitted_offset']:.1f}; paper: 5e-4 at lr 2e-5, about 21)")
+    lines.append(f"control (FusedMergOptAdamW, noise off) vs torch.optim.AdamW: largest weight difference "
+                 f"{max(results['control_max_abs_diff']):.2e}")
+    if results["matched_norm"]:
+        lines.append(format_matched_norm(results["matched_norm"], results["tasks"], config.finetune.lr))
+    lines.append("")
+    metric = "Task score: exact match (python: next-char accuracy)" if protocol == "lm" else "Test accuracy"
+    lines.append(format_table(summarise(results["accuracy"]), results["tasks"], config.seeds, metric))
+    lines.append(format_verdicts(verdicts(results["accuracy"]) + lambda_verdicts(results["lambda_sweep"])))
+    lines.append(format_lambda_sweep(lambda_summary(results["lambda_sweep"]), results["lambda_sweep"]["lambdas"]))
+    if results["sweep"]:
+        lines.append(format_sweep(results))
+    grids = results["artifacts"]["grids"]
+    lines.append(f"merge landscape of {' + '.join(results['landscape']['tasks'])} (seed 0): share of (a1, a2) cells "
+                 f"within 10% of the minimum joint loss: AdamW {low_loss_share(grids['adamw']):.2f}, "
+                 f"MergOPT {low_loss_share(grids['mergopt']):.2f}")
+    return "\n".join(lines)
+
+
+def _environment() -> str:
+    """Date, machine and versions, for a report's header."""
+    import datetime
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {cpu}, {os.cpu_count()} CPUs{gpu}; "
+            f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}")
+
+
+def write_outputs(results: dict, out_dir, report: str | None = None, command: str = "",
+                  wall_s: float | None = None) -> dict[str, Path]:
     """Write ``results.json`` (results plus the summary, the verdicts and the lambda summary),
     ``task_vector_histogram.png``, ``merge_landscape_{adamw,mergopt}.png`` and
-    ``lambda_curves.png`` into ``out_dir``; returns their paths by name."""
+    ``lambda_curves.png`` into ``out_dir``, and with ``report`` (``format_report``'s text)
+    ``report.md``: the command that made it, date, machine, versions and wall time, the report
+    and the figures. Returns their paths by name."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     artifacts = results["artifacts"]
@@ -291,4 +342,10 @@ def write_outputs(results: dict, out_dir) -> dict[str, Path]:
     data["landscape"]["color_range"] = list(color_range)
     paths["json"] = out / "results.json"
     paths["json"].write_text(json.dumps(data, indent=1))
+    if report is not None:
+        timing = "" if wall_s is None else f"; wall time {wall_s:.0f} s"
+        figures = "\n".join(f"![{name}]({path.name})" for name, path in paths.items() if path.suffix == ".png")
+        paths["report"] = out / "report.md"
+        paths["report"].write_text(f"# `{command}`\n\n{_environment()}{timing}.\n\n"
+                                   f"<!-- not-run: program output -->\n```text\n{report}\n```\n\n{figures}\n")
     return paths
