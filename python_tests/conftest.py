@@ -47,3 +47,15 @@ def shifted_seed():
         seed = int.from_bytes(os.urandom(8), "little")
         if noise.step_scale(seed, 1, (0.1, 0.2, 0.3, 0.4, 0.5, 0.6), 7) != 0.0:
             return seed
+
+
+@pytest.fixture
+def visible_seed():
+    """A fresh seed whose step scales s_1 to s_4 are all nonzero: every perturbation of a short
+    run is visible."""
+    from mergopt_kernels import noise
+
+    while True:
+        seed = int.from_bytes(os.urandom(8), "little")
+        if all(noise.step_scale(seed, t, (0.1, 0.2, 0.3, 0.4, 0.5, 0.6), 7) != 0.0 for t in range(1, 5)):
+            return seed

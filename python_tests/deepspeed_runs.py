@@ -260,3 +260,34 @@ def run_snippet(rank: int, world_size: int, directory: str) -> None:
                "perturbed": exports("checkpoint", None, "export/pytorch_model.bin")["zero_to_fp32"]}
     if rank == 0:
         torch.save(results, os.path.join(directory, "snippet.pt"))
+
+
+def run_attach(rank: int, world_size: int, cases: list, out_dir: str) -> None:
+    """``opt.attach(engine)``, then for each case: 2 steps; the clean and the perturbed weights
+    (inside and after ``clean_weights()``); ``save_16bit_model`` and ``save_checkpoint`` with no
+    block around them; an eval-mode forward; a training-mode forward (the weights after it) and
+    one more step. Rank 0 saves, per case, what DeepSpeed's tools read from both saves."""
+    results = {}
+    for case in cases:
+        engine, opt = initialize(case)
+        opt.attach(engine)
+        train(engine, case, range(2))
+        with opt.clean_weights():
+            clean = full_weights(engine)
+        perturbed = full_weights(engine)
+        folder = os.path.join(out_dir, case["name"])
+        engine.save_16bit_model(folder, "model16.bin")
+        engine.save_checkpoint(folder, tag="t2")
+        saved = exports(folder, "t2", os.path.join(folder, "model16.bin"))
+        x, _ = batch(2, case["dtype"])
+        engine.eval()
+        with torch.no_grad():
+            evaluated = engine(x).detach().clone()
+        engine.train()
+        engine(x)
+        trained_on = full_weights(engine)
+        losses = train(engine, case, [2])
+        results[case["name"]] = {"clean": clean, "perturbed": perturbed, "evaluated": evaluated,
+                                 "trained_on": trained_on, "losses": losses, **saved}
+    if rank == 0:
+        torch.save(results, os.path.join(out_dir, "attach.pt"))

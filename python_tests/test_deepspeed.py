@@ -157,3 +157,29 @@ def test_the_deepspeed_internals_read_are_those_of_the_pinned_release():
     assert version("deepspeed").startswith("0.19.")
     with pytest.raises(RuntimeError, match=r"DeepSpeed 0\.20\.1 is not supported.*0\.19"):
         _deepspeed.check_version("0.20.1")
+
+
+ATTACH_CASES = [_case(2, "fp32"), _case(3, "fp32")]
+
+
+def test_attach_makes_deepspeed_saves_and_evaluation_clean(tmp_path):
+    """``opt.attach(engine)``: save_checkpoint (zero_to_fp32 and the module state) and
+    save_16bit_model hold theta with no clean_weights() block; an eval-mode forward runs on
+    theta; a training-mode forward writes the same perturbation back (every rank makes each
+    call, as DeepSpeed's saves require)."""
+    run_ranks(runs.run_attach, ATTACH_CASES, str(tmp_path))
+    results = torch.load(tmp_path / "attach.pt")
+    for case in ATTACH_CASES:
+        got = results[case["name"]]
+        assert any(not torch.equal(got["perturbed"][name], theta) for name, theta in got["clean"].items())
+        for name, theta in got["clean"].items():
+            assert torch.equal(got["zero_to_fp32"][name], theta), (case["name"], name)
+            assert torch.equal(got["sixteen_bit"][name], theta), (case["name"], name)
+            if got["module"] is not None:
+                assert torch.equal(got["module"][name], theta), (case["name"], name)
+            assert torch.equal(got["trained_on"][name], got["perturbed"][name]), (case["name"], name)
+        reference = runs.make_model(case["dtype"])
+        reference.load_state_dict(got["clean"])
+        x, _ = runs.batch(2, case["dtype"])
+        with torch.no_grad():
+            assert torch.equal(got["evaluated"], reference(x)), case["name"]

@@ -247,3 +247,38 @@ def test_ranks_agree_on_the_seed_ddp():
 def test_index_base_of_ordinary_tensors_is_zero():
     assert layouts.index_base(torch.zeros(3, 4)) == 0
     assert layouts.local_tensor(None) is None
+
+
+def attach_worker(rank, world_size):
+    """FSDP2 with ``opt.attach(model)``: the sharded state dict, torch.distributed.checkpoint's
+    full model state dict and an eval-mode forward hold theta; a training-mode forward writes the
+    same perturbation back."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    x, y = batch()
+    model = shard(make_model(0))
+    opt = FusedMergOptAdamW(model.parameters(), seed=SEED, **OPT_KWARGS)
+    opt.attach(model)
+    for _ in range(2):
+        train_step(model, opt, x, y)
+    with opt.clean_weights():
+        clean = full(model)
+    perturbed = full(model)
+    assert any(not torch.equal(a, b) for a, b in zip(clean, perturbed))
+    sharded = [v.full_tensor() for v in model.state_dict().values()]
+    assert all(torch.equal(a, b) for a, b in zip(sharded, clean))
+    whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    assert all(torch.equal(a, b) for a, b in zip(whole.values(), clean))
+    reference = make_model(0)
+    with torch.no_grad():
+        for p, theta in zip(reference.parameters(), clean):
+            p.copy_(theta)
+        model.eval()
+        assert torch.equal(model(x), reference(x))
+    model.train()
+    model(x)
+    assert all(torch.equal(a, b) for a, b in zip(full(model), perturbed))
+
+
+def test_fsdp2_attach_makes_state_dicts_and_evaluation_clean():
+    run_ranks(attach_worker)

@@ -57,6 +57,23 @@ def weights(model):
     return [p.detach().clone() for p in model.parameters()]
 
 
+def test_attach(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ns = run("attach", stand_ins(3))
+    opt, model = ns["opt"], ns["model"]
+    saved = torch.load("model.pt")
+    assert opt.noise_step() == 4 and not model.training
+    with opt.clean_weights():
+        clean = {k: v.clone() for k, v in model.state_dict().items()}  # inside, they alias the parameters
+        assert all(torch.equal(saved[k], v) for k, v in clean.items())  # the last save: theta_3
+        x, y = ns["loader"][-1]
+        assert torch.equal(ns["val_loss"], ns["loss_fn"](model(x), y))  # evaluated at theta_3
+    model.train()
+    model(x)
+    if noise.step_scale(0, 4, opt.param_groups[0]["alphas"], 7) != 0.0:  # K alpha = 1: no shift
+        assert not all(torch.equal(p, clean[k]) for k, p in model.named_parameters())
+
+
 def test_plain_loop_and_resume(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     evaluated = []

@@ -23,7 +23,7 @@ from __future__ import annotations
 import gc
 import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -35,6 +35,9 @@ ZERO_OPTIMIZERS = ("DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3")
 MIXED_PRECISION_WRAPPERS = ("FP16_Optimizer", "FP16_UnfusedOptimizer", "BF16_Optimizer")
 # The methods with which DeepSpeed rewrites the partitions when it loads a checkpoint.
 LOADS = ("load_state_dict", "_restore_from_bit16_weights", "refresh_fp32_params")
+# The engine method with which ZeRO-3's save_16bit_model gathers the weights without calling
+# the module's state_dict() (so no state-dict hook sees it).
+ZERO3_16BIT_SAVE = "_zero3_consolidated_16bit_state_dict"
 
 
 @dataclass(frozen=True)
@@ -249,3 +252,20 @@ def layout_of(owner) -> ZeroLayout:
             raise ValueError(f"DeepSpeed gave {partition.dtype} partitions (master_weights_and_grads_dtype): "
                              "FusedMergOptAdamW/MergOpt update fp32 master weights only")
     return layout
+
+
+def watch_16bit_saves(engine, before) -> Optional[Callable[[], None]]:
+    """Call ``before()`` at the start of every ZeRO-3 16-bit consolidation of ``engine`` (a
+    DeepSpeed engine; ``save_16bit_model`` gathers the weights itself). The method is wrapped on
+    this engine object only; returns the function that unwraps it, or None when ``engine`` is
+    not a DeepSpeed engine."""
+    if not any(cls.__name__ == "DeepSpeedEngine" for cls in type(engine).__mro__):
+        return None
+    method = getattr(engine, ZERO3_16BIT_SAVE)
+
+    def watched(*args, **kwargs):
+        before()
+        return method(*args, **kwargs)
+
+    setattr(engine, ZERO3_16BIT_SAVE, watched)
+    return lambda: engine.__dict__.pop(ZERO3_16BIT_SAVE, None)

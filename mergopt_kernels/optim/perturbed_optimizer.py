@@ -27,6 +27,7 @@ from typing import Callable, Optional
 import torch
 
 from .. import ops
+from . import attach as attach_module
 from . import checkpoint, layouts, masters, zero
 from .launch import launch
 from .ledger import Ledger
@@ -382,6 +383,32 @@ class PerturbedOptimizer(torch.optim.Optimizer):
                 ledger.applied[index] = noise
 
     # -- explicit control ------------------------------------------------------------------
+
+    def attach(self, model: torch.nn.Module) -> "attach_module.Attachment":
+        """Make every ``state_dict()`` of ``model`` (or of a submodule) and every eval-mode
+        forward see theta_t, and every training-mode forward theta_t + s_t z_t.
+
+        One call after building the optimizer (in Lightning's ``configure_optimizers``). Hooks
+        on every submodule remove the perturbation in place before a state dict is taken or an
+        eval-mode forward runs, and write the same perturbation back before the next
+        training-mode forward (``optim.attach`` says what they cannot see). The returned
+        handle's ``remove()`` takes them off. Copies of the model (deepcopy, pickle) keep hooks
+        that do nothing.
+
+        Args:
+            model: the ``torch.nn.Module`` (or a wrapper of it: a DeepSpeed engine, an
+                FSDP2 module) whose parameters this optimizer updates.
+        Raises:
+            TypeError: ``model`` is not a module. ValueError: a parameter of this optimizer is
+            not one of ``model``'s, or the optimizer is attached to a model already.
+        """
+        attach_module.check_model(self, model)
+        current = self.__dict__.get("_attachment")
+        if current is not None and current.attached:
+            raise ValueError("attach(model): this optimizer is attached to a model already; call .remove() on the "
+                             "handle attach() returned first")
+        self._attachment = attach_module.Attachment(self, model)
+        return self._attachment
 
     @contextlib.contextmanager
     def clean_weights(self):
