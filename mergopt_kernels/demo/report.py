@@ -296,7 +296,7 @@ def format_report(results: dict, config, protocol: str, threads: int) -> str:
 
 
 def _environment() -> str:
-    """Date, machine and versions, for a report's header."""
+    """Date, machine (with its 1-minute load average: other jobs slow a run down), versions."""
     import datetime
     import platform
 
@@ -304,8 +304,9 @@ def _environment() -> str:
 
     cpu = platform.processor() or platform.machine()
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {cpu}, {os.cpu_count()} CPUs{gpu}; "
-            f"python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}")
+    return (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {cpu}, {os.cpu_count()} CPUs{gpu}, "
+            f"load average {os.getloadavg()[0]:.1f}; python {platform.python_version()}, torch {torch.__version__}, "
+            f"numpy {np.__version__}")
 
 
 def write_outputs(results: dict, out_dir, report: str | None = None, command: str = "",
