@@ -27,6 +27,7 @@ parameters (tied weights shared with another model).
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -53,22 +54,28 @@ class _SwitchHook:
     def before_state_dict(self, module=None, prefix="", keep_vars=False) -> None:
         opt = self._optimizer()
         if opt is not None and opt._ledger.active and not opt._ledger.clean_blocks:
-            _switch(opt, perturbed=False)
+            _switch_outside_compile()(opt, perturbed=False)
 
     def before_forward(self, module, args) -> None:
         opt = self._optimizer()
         if opt is None or opt._ledger.clean_blocks or opt._ledger.active == module.training:
             return
-        _switch(opt, perturbed=module.training)
+        _switch_outside_compile()(opt, perturbed=module.training)
 
 
-@torch.compiler.disable
 def _switch(opt, perturbed: bool) -> None:
-    """Write the perturbation back (``perturbed``) or remove it (a graph break under compile)."""
+    """Write the perturbation back (``perturbed``) or remove it."""
     if perturbed:
         opt.apply_perturbation()
     else:
         opt.remove_perturbation()
+
+
+@functools.cache
+def _switch_outside_compile():
+    """``_switch`` as a graph break under torch.compile; made on first use because
+    ``torch.compiler.disable`` imports torch._dynamo, which importing this package should not."""
+    return torch.compiler.disable(_switch)
 
 
 class Attachment:
