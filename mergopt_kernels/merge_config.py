@@ -25,6 +25,8 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from .validation import MASK64, check_choice
 
+__all__ = ["MergeConfig"]
+
 # mergekit's method names and ours -> (our method, DARE followed by TIES)
 METHOD_ALIASES = {"weight_average": ("weight_average", False), "linear": ("weight_average", False),
                   "task_arithmetic": ("task_arithmetic", False), "ties": ("ties", False),

@@ -39,6 +39,8 @@ from .merge_output import check_free_space, check_out, clear_stale_partials, par
 from .merge_plan import Entry, plan_entries
 from .merging import Progress, merge_spec, merge_tensors
 
+__all__ = ["merge_checkpoints", "merge_from_config"]
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9

@@ -95,7 +95,7 @@ StateDict = Mapping[str, torch.Tensor]
 
 __all__ = ["weight_average", "task_arithmetic", "ties_merging", "dare", "MergeSpec", "merge_spec", "merge_tensors",
            "MergeMethod", "REGISTRY", "METHODS", "MERGE_FUNCS", "RESCALES", "COUNT_ROUNDINGS", "ZERO_SIGNS",
-           "OPTION_DEFAULTS", "CHUNK", "Progress"]
+           "OPTION_DEFAULTS", "CHUNK"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,10 +166,10 @@ def weight_average(experts: Sequence[StateDict], weights: Sequence[float] | None
         experts: K >= 1 state dicts with the same keys, and per key the same shape and dtype.
         weights: ``None`` for the plain mean, or K reals: ``sum_i w_i x_i / sum_i w_i``.
         {inputs}
-        (``non_float="base"`` takes ``experts[0]``'s here.)
     Returns:
         A new state dict in ``experts[0]``'s key order: each float entry the mean (computed in
-        fp32, fp64 for fp64 entries, cast back to the entry's dtype); non-float entries copied.
+        fp32, fp64 for fp64 entries, cast back to the entry's dtype); non-float entries copied
+        (with ``non_float="base"``, from ``experts[0]``).
     Raises:
         TypeError / ValueError: ``experts`` empty or not a sequence of state dicts; mismatched keys,
         shapes, dtypes or non-float entries; bad weights.

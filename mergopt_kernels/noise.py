@@ -41,6 +41,9 @@ import math
 
 import torch
 
+__all__ = ["philox4x32", "element_words", "laplace_from_words", "gaussian_from_words", "element_noise",
+           "step_scale", "max_abs_perturbation", "DISTRIBUTIONS"]
+
 PHILOX_M0 = 0xD2511F53
 PHILOX_M1 = 0xCD9E8D57
 PHILOX_W0 = 0x9E3779B9

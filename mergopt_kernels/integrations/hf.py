@@ -63,6 +63,8 @@ import torch
 
 from ..optim.perturbed_optimizer import PerturbedOptimizer
 
+__all__ = ["MergOptCallback"]
+
 
 def _chain(optimizer) -> list:
     """``optimizer`` and the optimizers it wraps, outermost first: Accelerate's wrapper, then
