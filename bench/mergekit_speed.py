@@ -321,7 +321,7 @@ def main(argv=None) -> None:
         root = Path(args.models or tmp)
         root.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        if args.models and (root / "base" / "config.json").is_file():  # written by an earlier run: reused
+        if args.models and (root / "base" / "config.json").is_file():  # written by a previous invocation: reused
             from mergopt_kernels.merge_io import SafetensorsSource
 
             base = SafetensorsSource(root / "base", "base")

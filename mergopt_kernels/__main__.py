@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "controls (AdamW at the lr matching MergOPT's task-vector norm, MergOPT with Gaussian noise, "
                     "MergOPT with a fixed s, AdamW at a constant lr), merge each set of experts, sweep task "
                     "arithmetic's lambda and evaluate the merged models on every task (mean ± std over seeds, "
-                    "seed-paired gains with 95%% intervals, a verdict per control). Offline, CPU or CUDA.")
+                    "seed-paired gains with 95% intervals, a verdict per control). Offline, CPU or CUDA.")
     demo.add_argument("--protocol", choices=("digits", "lm"), default="digits",
                       help="digits: an MLP on five views of scikit-learn's digits (default); lm: a small "
                            "GPT-style language model pre-trained here, seven experts on seven sequence tasks")
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=_positive_int, default=None,
                       help="fine-tuning epochs per expert (default 3, --quick 1)")
     demo.add_argument("--large", action="store_true",
-                      help="lm: the configuration for one GPU (a 25M-parameter base; not timed yet)")
+                      help="lm: the configuration for one GPU (a 25M-parameter base; its run time is not measured)")
     demo.add_argument("--cache-dir", default=None,
                       help="lm: folder of the cached pre-trained bases, keyed by everything that shapes "
                            "them (default $XDG_CACHE_HOME/mergopt_kernels or ~/.cache/mergopt_kernels)")

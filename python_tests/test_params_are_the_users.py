@@ -1,4 +1,4 @@
-"""The parameters are the user's (DESIGN.md semantics 7), for FusedMergOptAdamW and MergOpt:
+"""The parameters are the user's (docs/optimizer.md, semantics 7), for FusedMergOptAdamW and MergOpt:
 weights written from outside become the clean theta, frozen parameters are never perturbed,
 moved or cast parameters are followed (or refused with what to do), a training checkpoint
 resumes bit for bit, and seed=None leaves torch's random stream alone."""

@@ -108,8 +108,8 @@ def lm_quick_config(**overrides) -> LMDemoConfig:
 
 def lm_gpu_config(**overrides) -> LMDemoConfig:
     """The larger configuration for one GPU: a 25.3M-parameter base (width 512, 8 layers) with
-    longer pre-training and more data, batch 16 and the fitted b; not timed (no GPU was available
-    when it was written) and not calibrated like the default."""
+    longer pre-training and more data, batch 16 and the fitted b. Its run time is not measured,
+    and it is not calibrated like the default."""
     settings = dict(model=GPTConfig(width=512, layers=8, heads=8, context=64),
                     pretrain=LMPretrainConfig(steps=3000, batch_size=64, lr=6e-4), pretrain_examples=20000,
                     finetune=LMFinetuneConfig(lr=3e-4, batch_size=16), test_examples=500,
