@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.mergopt-installed
 
-.PHONY: setup demo test experiments aot-full kernel-cost gpu-check gpu-check-dry
+.PHONY: setup demo test docs experiments aot-full kernel-cost gpu-check gpu-check-dry
 
 $(STAMP): requirements.txt requirements-test.txt requirements-deepspeed.txt setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ setup: $(STAMP)
 
 demo: setup
 	$(PY) -m mergopt_kernels demo
+
+# The documentation site (mkdocs.yml, docs/): built into site/, every warning an error (as in CI).
+docs: setup
+	$(PY) -m pip install -q -r requirements-docs.txt
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
 # The experiment reports in docs/experiments: both protocols at their defaults (digits about
 # 90 s, lm about 15 minutes on a quiet 2-core CPU); each folder gets report.md, results.json and

@@ -420,18 +420,46 @@ README_MERGES = {  # the README's merge snippets and the in-memory merge each eq
 }
 
 
-@pytest.mark.parametrize("name", list(README_MERGES))
-def test_readme_merge_snippet(name, tmp_path, monkeypatch):
-    from test_snippets import snippet
-
+def docs_models(tmp_path):
+    """(seed, base, experts) written as the folders the documentation's merges name: base,
+    expert_math, expert_code."""
     seed = torch.seed() % 2**31
     _, _, base_sd, expert_sds = write_models(tmp_path, seed, experts=2)
     for folder, sd in zip(("base", "expert_math", "expert_code"), [base_sd, *expert_sds]):
         (tmp_path / folder).mkdir()
         safetensors_torch.save_file(sd, tmp_path / folder / "model.safetensors")
+    return seed, base_sd, expert_sds
+
+
+@pytest.mark.parametrize("name", list(README_MERGES))
+def test_readme_merge_snippet(name, tmp_path, monkeypatch):
+    from test_snippets import snippet
+
+    seed, base_sd, expert_sds = docs_models(tmp_path)
     monkeypatch.chdir(tmp_path)
     exec(compile(snippet(name), f"<snippet {name}>", "exec"), {})
     assert_equal_state(read_folder(tmp_path / "merged"), README_MERGES[name](base_sd, expert_sds)), f"seed {seed}"
+
+
+@pytest.mark.parametrize("name", ["merge-cli", "merge-yaml"])
+def test_docs_merge_command_and_config_file(name, tmp_path, monkeypatch):
+    """The command line and the config file of docs/merging.md, run as written."""
+    import shlex
+
+    from test_snippets import snippet
+
+    seed, base_sd, expert_sds = docs_models(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    if name == "merge-cli":
+        command = shlex.split(snippet(name))
+        assert command[:2] == ["mergopt-kernels", "merge"]
+        assert main([*command[1:], "--no-progress"]) == 0
+        expected = merging.ties_merging(base_sd, expert_sds, 0.3, 0.2)
+    else:
+        (tmp_path / "merge.yaml").write_text(snippet(name))
+        assert main(["merge", "--config", "merge.yaml", "--out", "merged", "--no-progress"]) == 0
+        expected = merging.ties_merging(base_sd, expert_sds, 0.3, [0.3, 0.2], weights=[1.0, 0.5])
+    assert_equal_state(read_folder(tmp_path / "merged"), expected), f"seed {seed}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
-"""The "Use it in your training loop" snippets, executed as written.
+"""The documentation's snippets, executed as written.
 
-Each snippet is the ```python block after a ``<!-- snippet: NAME -->`` marker in README.md.
+Each snippet is the code block after a ``<!-- snippet: NAME -->`` marker in README.md or a page
+of docs/ (test_docs.py checks that every block is a snippet some test runs, or is marked
+``<!-- not-run: reason -->``).
 The tests give them small stand-ins for ``model``, ``loader``, ``loss_fn`` and the like;
 without a GPU "cuda" becomes "cpu"."""
 
@@ -21,11 +23,15 @@ from mergopt_kernels import FusedMergOptAdamW, noise
 ROOT = Path(__file__).resolve().parent.parent
 
 
+DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
 def snippet(name: str) -> str:
-    pattern = re.compile(rf"<!-- snippet: {re.escape(name)} -->\s*```python\n(.*?)```", re.S)
-    found = pattern.search((ROOT / "README.md").read_text())
-    assert found, f"no snippet {name!r} in README.md"
-    code = found.group(1)
+    """The code block after ``<!-- snippet: NAME -->`` in README.md or a page of docs/."""
+    pattern = re.compile(rf"<!-- snippet: {re.escape(name)} -->\s*```\w*\n(.*?)```", re.S)
+    found = [match.group(1) for path in DOC_FILES for match in pattern.finditer(path.read_text())]
+    assert len(found) == 1, f"{len(found)} snippets named {name!r} in README.md and docs/"
+    code = found[0]
     return code if torch.cuda.is_available() else code.replace('"cuda"', '"cpu"')
 
 
@@ -72,6 +78,32 @@ def test_attach(tmp_path, monkeypatch):
     model(x)
     if noise.step_scale(0, 4, opt.param_groups[0]["alphas"], 7) != 0.0:  # K alpha = 1: no shift
         assert not all(torch.equal(p, clean[k]) for k, p in model.named_parameters())
+
+
+def test_readme_quick_start(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(4, 512, generator=g), torch.randn(4, 512, generator=g)) for _ in range(3)]
+    ns = run("readme", {"batches": batches})
+    opt, model = ns["opt"], ns["model"]
+    assert opt.noise_step() == 4
+    with opt.clean_weights():
+        clean = {k: v.clone() for k, v in model.state_dict().items()}
+    saved = torch.load("expert.pt")
+    assert all(torch.equal(saved[k], v) for k, v in clean.items())
+
+
+def test_mergopt_around_sgd():
+    ns = run("mergopt", stand_ins(2))
+    opt, model = ns["opt"], ns["model"]
+    assert isinstance(opt.base, torch.optim.SGD) and opt.seed == 0
+    assert all(mine is base for mine, base in zip(opt.param_groups, opt.base.param_groups))  # the same dicts
+    before = weights(model)
+    for x, y in ns["loader"]:
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.noise_step() == 3 and not all(torch.equal(a, b) for a, b in zip(before, weights(model)))
 
 
 def test_plain_loop_and_resume(tmp_path, monkeypatch):
