@@ -28,12 +28,13 @@ docs: setup
 	$(PY) -m pip install -q -r requirements-docs.txt
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
 
-# The experiment reports in docs/experiments: both protocols at their defaults (digits about
-# 90 s, lm about 15 minutes on a quiet 2-core CPU); each folder gets report.md, results.json and
+# The experiment reports in docs/experiments: both protocols at their defaults on one thread
+# (on a machine shared with other jobs, two threads slow a small model down many times); about
+# 80 s (digits) and 12 minutes (lm) of CPU time. Each folder gets report.md, results.json and
 # the figures.
 experiments: setup
-	$(PY) -m mergopt_kernels demo --no-progress --out docs/experiments/digits
-	$(PY) -m mergopt_kernels demo --protocol lm --no-progress --out docs/experiments/lm
+	$(PY) -m mergopt_kernels demo --threads 1 --no-progress --out docs/experiments/digits
+	$(PY) -m mergopt_kernels demo --protocol lm --threads 1 --no-progress --out docs/experiments/lm
 
 # DeepSpeed JIT-builds a C++ op against the running torch: one build folder per venv.
 test: setup
