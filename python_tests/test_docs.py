@@ -102,10 +102,30 @@ def test_the_reference_entries_exist():
         assert hasattr(module, name), path
 
 
+HISTORY_PHRASES = ("an earlier run", "the previous default", "this project's machines", "not timed yet",
+                   "measured yet", "no GPU was available", "none was available", "grew from",
+                   "came to depend", "when it was written", "protocol before")
+
+
 @pytest.mark.parametrize("path", [p for p in DOC_FILES if p.parent == ROOT / "docs" or p.name == "README.md"],
                          ids=lambda p: p.name)
 def test_pages_speak_of_the_software_not_of_its_history(path):
     text = path.read_text()
-    for phrase in ("an earlier run", "the previous default", "this project's machines", "not timed yet",
-                   "no GPU was available", "grew from", "came to depend"):
+    for phrase in HISTORY_PHRASES:
         assert phrase not in text, (path.name, phrase)
+
+
+def test_help_texts_speak_of_the_software_not_of_its_history():
+    import argparse
+
+    from mergopt_kernels.__main__ import build_parser
+
+    parser = build_parser()
+    texts = [parser.format_help()]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            texts.extend(sub.format_help() for sub in action.choices.values())
+    assert len(texts) >= 3, "the demo and merge commands' help"
+    text = " ".join(" ".join(texts).split())  # argparse wraps lines
+    for phrase in HISTORY_PHRASES:
+        assert phrase not in text, phrase
