@@ -23,11 +23,16 @@ FITTED_MULTIPLES = (0.5, 2.0)
 
 
 # The regime of the default run, fixed from seed-0 calibration runs (``tools/lm_calibration.py``,
-# the README's calibration table) before the 5-seed run: a base pre-trained for 350 steps leaves
-# room (the seed-0 AdamW experts gain 15.6 points over it), fine-tuning at batch 8 and lr 2.5e-4,
-# and b set so that the noise offset E|s| b / lr is 20 Adam steps (the paper's 5e-4 at lr 2e-5: 21).
+# the calibration table of docs/experiments.md) before the 5-seed run: a base pre-trained for 350
+# steps leaves room (the seed-0 AdamW experts gain 15.6 points over it), fine-tuning at batch 8
+# and lr 2.5e-4, and b set so that the noise offset E|s| b / lr is 20 Adam steps (the paper's
+# 5e-4 at lr 2e-5: 21).
 REGIME_PRETRAIN_STEPS = 350
+"""Pre-training steps of the default run's base model (the seed-0 AdamW experts gain 15.6
+points over a base pre-trained this long)."""
 REGIME_NOISE_OFFSET = 20.0
+"""The default run's noise offset E|s| b / lr in Adam steps, which sets b (the paper's 5e-4 at
+lr 2e-5: about 21)."""
 
 
 @dataclass(frozen=True)
