@@ -98,37 +98,38 @@ def check_loadable_groups(saved_groups: list, param_groups: list, check_group: C
         check_group(options)
 
 
-def split_saved_values(state: dict, pairs: list, key: str) -> tuple[dict, dict]:
-    """(parameter -> the values saved under ``key``, ``state`` without them), checked against
-    the (saved id, parameter) ``pairs``: each must be a tensor of its parameter's dtype and shape."""
-    values_of, rest = {}, dict(state)
+def _split_entries(state: dict, pairs: list, key: str, take) -> tuple[dict, dict]:
+    """(parameter -> ``take(saved_id, p, value)`` of the value saved under ``key``, ``state``
+    without those values), over the (saved id, parameter) ``pairs``; ``take`` checks and converts."""
+    taken, rest = {}, dict(state)
     for saved_id, p in pairs:
         entry = state.get(saved_id)
         if not isinstance(entry, dict) or key not in entry:
             continue
-        values = entry[key]
+        taken[p] = take(saved_id, p, entry[key])
+        rest[saved_id] = {k: v for k, v in entry.items() if k != key}
+    return taken, rest
+
+
+def split_saved_values(state: dict, pairs: list, key: str) -> tuple[dict, dict]:
+    """(parameter -> the values saved under ``key``, ``state`` without them), checked against
+    the (saved id, parameter) ``pairs``: each must be a tensor of its parameter's dtype and shape."""
+    def take(saved_id, p, values):
         if not isinstance(values, torch.Tensor) or values.shape != p.shape or values.dtype != p.dtype:
             raise ValueError(f"state_dict['state'][{saved_id!r}][{key!r}] must be a {p.dtype} tensor "
                              f"of shape {tuple(p.shape)}")
-        values_of[p] = values
-        rest[saved_id] = {k: v for k, v in entry.items() if k != key}
-    return values_of, rest
+        return values
+    return _split_entries(state, pairs, key, take)
 
 
 def split_masters(state: dict, pairs: list, key: str) -> tuple[dict, dict]:
     """(parameter -> saved fp32 master under ``key`` on its device, ``state`` without them)."""
-    masters, rest = {}, dict(state)
-    for saved_id, p in pairs:
-        entry = state.get(saved_id)
-        if not isinstance(entry, dict) or key not in entry:
-            continue
-        master = entry[key]
+    def take(saved_id, p, master):
         if not isinstance(master, torch.Tensor) or master.shape != p.shape or not needs_master(p):
             raise ValueError(f"state_dict['state'][{saved_id!r}][{key!r}] must be a tensor of shape "
                              f"{tuple(p.shape)} for a bfloat16/float16 parameter")
-        masters[p] = master.to(device=p.device, dtype=torch.float32, copy=True)
-        rest[saved_id] = {k: v for k, v in entry.items() if k != key}
-    return masters, rest
+        return master.to(device=p.device, dtype=torch.float32, copy=True)
+    return _split_entries(state, pairs, key, take)
 
 
 def fp32_state(entry: dict, p: torch.Tensor, saved_id) -> dict:
