@@ -5,11 +5,14 @@ figures (task-vector histogram with its Laplace fit; two-expert merge landscapes
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import platform
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .. import analysis
 
@@ -297,11 +300,6 @@ def format_report(results: dict, config, protocol: str, threads: int) -> str:
 
 def _environment() -> str:
     """Date, machine (with its 1-minute load average: other jobs slow a run down), versions."""
-    import datetime
-    import platform
-
-    import torch
-
     cpu = platform.processor() or platform.machine()
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {cpu}, {os.cpu_count()} CPUs{gpu}, "

@@ -55,8 +55,8 @@ def ties_entries(spec: MergeSpec, base: TensorSource, experts: Sequence[TensorSo
             del entry_vectors  # free before the next entry is read
 
     trim = MagnitudeTrim(spec, ties_entries, stream, rows)
-    majority, prepared = 1.0, False
-    if spec.zero_sign == "majority":
+    majority, majority_pass = 1.0, spec.zero_sign == "majority"
+    if majority_pass:  # it prepares each entry's trim; otherwise the merging pass does
         # Pass: the majority sign over the whole model, for elements whose summed sign is 0.
         balance = 0
         for entry, entry_vectors in vectors("TIES signs"):
@@ -64,9 +64,9 @@ def ties_entries(spec: MergeSpec, base: TensorSource, experts: Sequence[TensorSo
             for _, _, _, sign in ties_chunks(trim, spec, entry, entry_vectors):
                 balance += int(sign.sum(dtype=torch.int64))
             del entry_vectors
-        majority, prepared = (1.0 if balance >= 0 else -1.0), True
+        majority = 1.0 if balance >= 0 else -1.0
     for entry, entry_vectors in vectors("merging"):
-        if not prepared:
+        if not majority_pass:
             trim.prepare(entry, entry_vectors)
         out = torch.empty(entry.numel, dtype=entry.dtype, device=entry_vectors.experts.device)
         for part, ref, trimmed, sign in ties_chunks(trim, spec, entry, entry_vectors):

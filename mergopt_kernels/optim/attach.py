@@ -83,7 +83,6 @@ class Attachment:
     stay as they are; the next ``step()`` perturbs as usual)."""
 
     def __init__(self, opt, model: torch.nn.Module):
-        self.model = weakref.ref(model)
         hook = _SwitchHook(opt)
         self._handles = []
         for module in model.modules():
@@ -106,7 +105,7 @@ class Attachment:
 
 
 def check_model(opt, model) -> None:
-    """Raise unless ``model`` is a module that holds every noisy parameter of ``opt``."""
+    """Raise unless ``model`` is a module that holds every parameter ``opt`` was given."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"attach(model): model must be a torch.nn.Module, got {type(model).__name__}")
     owned = {id(p) for p in model.parameters()}
