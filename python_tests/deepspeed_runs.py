@@ -264,9 +264,11 @@ def run_snippet(rank: int, world_size: int, directory: str) -> None:
 
 def run_attach(rank: int, world_size: int, cases: list, out_dir: str) -> None:
     """``opt.attach(engine)``, then for each case: 2 steps; the clean and the perturbed weights
-    (inside and after ``clean_weights()``); ``save_16bit_model`` and ``save_checkpoint`` with no
-    block around them; an eval-mode forward; a training-mode forward (the weights after it) and
-    one more step. Rank 0 saves, per case, what DeepSpeed's tools read from both saves."""
+    (inside and after ``clean_weights()``); an eval-mode forward (a switch to theta), a
+    training-mode forward (back to the same perturbation) and the weights after it;
+    ``save_16bit_model`` and ``save_checkpoint`` with no block around them (a switch to theta);
+    one more step. Rank 0 saves, per case, the outputs and what DeepSpeed's tools read from both
+    saves."""
     results = {}
     for case in cases:
         engine, opt = initialize(case)
@@ -275,19 +277,19 @@ def run_attach(rank: int, world_size: int, cases: list, out_dir: str) -> None:
         with opt.clean_weights():
             clean = full_weights(engine)
         perturbed = full_weights(engine)
-        folder = os.path.join(out_dir, case["name"])
-        engine.save_16bit_model(folder, "model16.bin")
-        engine.save_checkpoint(folder, tag="t2")
-        saved = exports(folder, "t2", os.path.join(folder, "model16.bin"))
         x, _ = batch(2, case["dtype"])
         engine.eval()
         with torch.no_grad():
             evaluated = engine(x).detach().clone()
         engine.train()
-        engine(x)
+        trained = engine(x).detach().clone()
         trained_on = full_weights(engine)
+        folder = os.path.join(out_dir, case["name"])
+        engine.save_16bit_model(folder, "model16.bin")
+        engine.save_checkpoint(folder, tag="t2")
+        saved = exports(folder, "t2", os.path.join(folder, "model16.bin"))
         losses = train(engine, case, [2])
-        results[case["name"]] = {"clean": clean, "perturbed": perturbed, "evaluated": evaluated,
+        results[case["name"]] = {"clean": clean, "perturbed": perturbed, "evaluated": evaluated, "trained": trained,
                                  "trained_on": trained_on, "losses": losses, **saved}
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "attach.pt"))

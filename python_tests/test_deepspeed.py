@@ -159,14 +159,16 @@ def test_the_deepspeed_internals_read_are_those_of_the_pinned_release():
         _deepspeed.check_version("0.20.1")
 
 
-ATTACH_CASES = [_case(2, "fp32"), _case(3, "fp32")]
+# stage 3 keeps parameters under stage3_param_persistence_threshold (all of these, by default)
+# gathered between forwards; at 0 each one is gathered for its module's forward and released
+ATTACH_CASES = [_case(2, "fp32"), _case(3, "fp32"), _case(3, "fp32", stage3_param_persistence_threshold=0)]
 
 
 def test_attach_makes_deepspeed_saves_and_evaluation_clean(tmp_path):
     """``opt.attach(engine)``: save_checkpoint (zero_to_fp32 and the module state) and
     save_16bit_model hold theta with no clean_weights() block; an eval-mode forward runs on
-    theta; a training-mode forward writes the same perturbation back (every rank makes each
-    call, as DeepSpeed's saves require)."""
+    theta; a training-mode forward runs on the same perturbation as before (every rank makes
+    each call, as DeepSpeed's saves require)."""
     run_ranks(runs.run_attach, ATTACH_CASES, str(tmp_path))
     results = torch.load(tmp_path / "attach.pt")
     for case in ATTACH_CASES:
@@ -179,7 +181,9 @@ def test_attach_makes_deepspeed_saves_and_evaluation_clean(tmp_path):
                 assert torch.equal(got["module"][name], theta), (case["name"], name)
             assert torch.equal(got["trained_on"][name], got["perturbed"][name]), (case["name"], name)
         reference = runs.make_model(case["dtype"])
-        reference.load_state_dict(got["clean"])
         x, _ = runs.batch(2, case["dtype"])
         with torch.no_grad():
+            reference.load_state_dict(got["clean"])
             assert torch.equal(got["evaluated"], reference(x)), case["name"]
+            reference.load_state_dict(got["perturbed"])
+            assert torch.equal(got["trained"], reference(x)), case["name"]

@@ -200,10 +200,10 @@ class _Wrapper:
         self.optimizer = optimizer
 
 
-def _callback_event(callback, event: str, optimizer, deepspeed=None):
+def _callback_event(callback, event: str, optimizer, model=None, deepspeed=None):
     args = types.SimpleNamespace(deepspeed=deepspeed)
     control = transformers.TrainerControl()
-    return getattr(callback, event)(args, transformers.TrainerState(), control, optimizer=optimizer)
+    return getattr(callback, event)(args, transformers.TrainerState(), control, optimizer=optimizer, model=model)
 
 
 def test_callback_names_the_deepspeed_route():
@@ -212,21 +212,20 @@ def test_callback_names_the_deepspeed_route():
     model = torch.nn.Linear(3, 3)
     adamw = torch.optim.AdamW(model.parameters())
     config = {"zero_optimization": {"stage": 2}}
-    for event in ("on_train_begin", "on_step_begin"):
-        with pytest.raises(TypeError, match="optimizer_cls_and_kwargs") as error:
-            _callback_event(MergOptCallback(), event, _Wrapper(_Wrapper(adamw)), deepspeed=config)
-        assert "_Wrapper -> _Wrapper -> AdamW" in str(error.value) and "deepspeed=" in str(error.value)
+    with pytest.raises(TypeError, match="optimizer_cls_and_kwargs") as error:
+        _callback_event(MergOptCallback(), "on_train_begin", _Wrapper(_Wrapper(adamw)), model, deepspeed=config)
+    assert "_Wrapper -> _Wrapper -> AdamW" in str(error.value) and "deepspeed=" in str(error.value)
     # Given explicitly, the optimizer must be the one the Trainer trains with under DeepSpeed.
     mergopt = FusedMergOptAdamW(model.parameters(), lr=1e-2, seed=1)
     with pytest.raises(TypeError, match="optimizer_cls_and_kwargs"):
-        _callback_event(MergOptCallback(mergopt), "on_train_begin", _Wrapper(adamw), deepspeed=config)
-    _callback_event(MergOptCallback(mergopt), "on_train_begin", _Wrapper(_Wrapper(mergopt)), deepspeed=config)
-    _callback_event(MergOptCallback(), "on_train_begin", _Wrapper(_Wrapper(mergopt)), deepspeed=config)
+        _callback_event(MergOptCallback(mergopt), "on_train_begin", _Wrapper(adamw), model, deepspeed=config)
+    _callback_event(MergOptCallback(mergopt), "on_train_begin", _Wrapper(_Wrapper(mergopt)), model, deepspeed=config)
+    _callback_event(MergOptCallback(), "on_train_begin", _Wrapper(_Wrapper(mergopt)), model, deepspeed=config)
     # Another MergOPT optimizer in the Trainer: the one given is not training.
     other = FusedMergOptAdamW(torch.nn.Linear(3, 3).parameters(), lr=1e-2, seed=1)
     with pytest.raises(TypeError, match="does not train with"):
-        _callback_event(MergOptCallback(mergopt), "on_train_begin", _Wrapper(other))
+        _callback_event(MergOptCallback(mergopt), "on_train_begin", _Wrapper(other), model)
     # Without DeepSpeed, an optimizer chain the callback cannot see through keeps the one given.
-    _callback_event(MergOptCallback(mergopt), "on_train_begin", adamw)
+    _callback_event(MergOptCallback(mergopt), "on_train_begin", adamw, model)
     with pytest.raises(TypeError, match="FusedMergOptAdamW or MergOpt"):
-        _callback_event(MergOptCallback(), "on_train_begin", adamw)
+        _callback_event(MergOptCallback(), "on_train_begin", adamw, model)

@@ -35,14 +35,17 @@ def make_model(init_seed: int) -> torch.nn.Module:
                                torch.nn.Tanh(), torch.nn.Linear(3, 1))
 
 
-def shard(model: torch.nn.Module) -> torch.nn.Module:
+def shard(model: torch.nn.Module, layers: bool = True) -> torch.nn.Module:
+    """FSDP2 on each Linear and the root (``layers``), or on the root only, which then holds
+    every parameter itself."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer, mesh=mesh)
+    if layers:
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
 
@@ -249,14 +252,14 @@ def test_index_base_of_ordinary_tensors_is_zero():
     assert layouts.local_tensor(None) is None
 
 
-def attach_worker(rank, world_size):
+def attach_worker(rank, world_size, layers):
     """FSDP2 with ``opt.attach(model)``: the sharded state dict, torch.distributed.checkpoint's
     full model state dict and an eval-mode forward hold theta; a training-mode forward writes the
-    same perturbation back."""
+    same perturbation back before FSDP gathers the parameters it runs on."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     x, y = batch()
-    model = shard(make_model(0))
+    model = shard(make_model(0), layers)
     opt = FusedMergOptAdamW(model.parameters(), seed=SEED, **OPT_KWARGS)
     opt.attach(model)
     for _ in range(2):
@@ -265,20 +268,27 @@ def attach_worker(rank, world_size):
         clean = full(model)
     perturbed = full(model)
     assert any(not torch.equal(a, b) for a, b in zip(clean, perturbed))
+    reference = make_model(0)
+
+    def reference_output(weights):
+        with torch.no_grad():
+            for p, value in zip(reference.parameters(), weights):
+                p.copy_(value)
+            return reference(x)
+
+    # each of the three reads below switches the weights: perturbed -> clean -> perturbed -> clean
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), reference_output(clean))
+    model.train()
+    assert torch.equal(model(x).detach(), reference_output(perturbed))
+    assert all(torch.equal(a, b) for a, b in zip(full(model), perturbed))
     sharded = [v.full_tensor() for v in model.state_dict().values()]
     assert all(torch.equal(a, b) for a, b in zip(sharded, clean))
     whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     assert all(torch.equal(a, b) for a, b in zip(whole.values(), clean))
-    reference = make_model(0)
-    with torch.no_grad():
-        for p, theta in zip(reference.parameters(), clean):
-            p.copy_(theta)
-        model.eval()
-        assert torch.equal(model(x), reference(x))
-    model.train()
-    model(x)
-    assert all(torch.equal(a, b) for a, b in zip(full(model), perturbed))
 
 
-def test_fsdp2_attach_makes_state_dicts_and_evaluation_clean():
-    run_ranks(attach_worker)
+@pytest.mark.parametrize("layers", [True, False], ids=["layers-and-root", "root-only"])
+def test_fsdp2_attach_makes_state_dicts_and_evaluation_clean(layers):
+    run_ranks(attach_worker, layers)

@@ -35,9 +35,12 @@ def dataset():
     return [{"input_ids": row, "labels": row} for row in ids]
 
 
-def make_trainer(output_dir, seed, init_seed=0, lr_lambda=lambda step: 1.0, hook=None, **options):
+def make_trainer(output_dir, seed, init_seed=0, lr_lambda=lambda step: 1.0, hook=None, attach=False, **options):
+    """``attach``: the user attaches the optimizer before building the Trainer."""
     model = tiny_gpt2(init_seed)
     opt = FusedMergOptAdamW(model.parameters(), lr=1e-2, weight_decay=0.01, noise_scale=NOISE_SCALE, seed=seed)
+    if attach:
+        opt.attach(model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
     if hook is not None:
         model.transformer.h[0].mlp.c_fc.register_forward_pre_hook(hook)
@@ -133,6 +136,33 @@ def test_resume_from_checkpoint_continues_the_run(tmp_path, fresh_seed):
             keep[n_embd:2 * n_embd] = False
             value, expected[name] = value[keep], expected[name][keep]
         torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6)
+
+
+def test_callback_attaches_the_optimizer_until_training_ends(tmp_path, fresh_seed):
+    """The callback attaches when the Trainer is built (evaluate() before train() runs on theta)
+    and takes its hooks off after train(): a training-mode forward then leaves the weights as
+    they are. An attachment the user made is kept."""
+    from mergopt_kernels.optim.attach import attachment_of
+
+    trainer, model, opt = make_trainer(tmp_path, fresh_seed)
+    assert attachment_of(opt) is not None
+    with opt.clean_weights():
+        clean = [p.detach().clone() for p in model.parameters()]
+    opt.apply_perturbation()
+    assert not all(torch.equal(p, c) for p, c in zip(model.parameters(), clean))
+    trainer.evaluate()
+    assert all(torch.equal(p, c) for p, c in zip(model.parameters(), clean))
+    trainer.train()
+    assert attachment_of(opt) is None
+    after = [p.detach().clone() for p in model.parameters()]
+    model.train()
+    model(torch.zeros(1, 8, dtype=torch.long))
+    assert all(torch.equal(p, a) for p, a in zip(model.parameters(), after))
+
+    trainer, model, opt = make_trainer(tmp_path / "own", fresh_seed, attach=True)
+    own = attachment_of(opt)
+    trainer.train()
+    assert attachment_of(opt) is own
 
 
 def test_callback_rejects_other_optimizers():

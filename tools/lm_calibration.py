@@ -22,8 +22,8 @@ import torch
 from mergopt_kernels import analysis
 from mergopt_kernels.demo.finetune import arm_recipe, train_recipe
 from mergopt_kernels.demo.lm_experiment import LMDemoConfig, LMFinetuneConfig, _epochs
-from mergopt_kernels.demo.protocol import noise_offset_steps
-from mergopt_kernels.demo.lm_model import LMPretrainConfig, lm_loss, load_or_pretrain, task_metric
+from mergopt_kernels.demo.protocol import noise_offset_steps, noise_scale_for_offset
+from mergopt_kernels.demo.lm_model import GPTConfig, LMPretrainConfig, lm_loss, load_or_pretrain, task_metric
 from mergopt_kernels.demo.lm_tasks import LM_TASKS, make_lm_task, pretraining_mixture
 from mergopt_kernels.demo.protocol import MERGES, noise_seed
 
@@ -33,9 +33,12 @@ def _average(values) -> float:
 
 
 def calibrate(pretrain: LMPretrainConfig, pretrain_examples: int, finetune: LMFinetuneConfig, test_examples: int,
-              mergopt: bool, cache_dir: str | None, noise_scale: float | None = None) -> dict:
+              mergopt: bool, cache_dir: str | None, noise_scale: float | None = None,
+              model: GPTConfig | None = None) -> dict:
     config = LMDemoConfig(pretrain=pretrain, pretrain_examples=pretrain_examples, finetune=finetune,
                           test_examples=test_examples, seeds=1, cache_dir=cache_dir, progress=False)
+    if model is not None:
+        config.model = model
     start = time.perf_counter()
     tasks = [make_lm_task(name, finetune.train_examples, test_examples) for name in LM_TASKS]
     model, base, _ = load_or_pretrain(pretraining_mixture(LM_TASKS, pretrain_examples),
@@ -52,7 +55,7 @@ def calibrate(pretrain: LMPretrainConfig, pretrain_examples: int, finetune: LMFi
                 for i, task in enumerate(tasks)]
 
     base_scores = score(base)
-    out = {"pretrain": asdict(pretrain), "pretrain_examples": pretrain_examples, "finetune": asdict(finetune),
+    out = {"model": asdict(config.model), "pretrain": asdict(pretrain), "pretrain_examples": pretrain_examples, "finetune": asdict(finetune),
            "steps": steps,
            "base": _average(base_scores), "base_per_task": [round(100 * s, 1) for s in base_scores], "rows": {}}
     adamw = experts("adamw", 0.0)
@@ -85,16 +88,26 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--test-examples", type=int, default=200)
     parser.add_argument("--noise-scale", type=float, default=None)
+    parser.add_argument("--noise-offset", type=float, default=None,
+                        help="set b so that E|s| b / lr is this many Adam steps (the default run's: 20)")
+    parser.add_argument("--width", type=int, default=None, help="model width (default: the LM demo's)")
+    parser.add_argument("--layers", type=int, default=None, help="model layers (default: the LM demo's)")
     parser.add_argument("--mergopt", action="store_true")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    model = LMDemoConfig().model
+    model = GPTConfig(width=args.width or model.width, layers=args.layers or model.layers, heads=model.heads,
+                      context=model.context)
+    noise_scale = args.noise_scale
+    if args.noise_offset is not None:
+        noise_scale = noise_scale_for_offset(args.noise_offset, args.lr)
     out = calibrate(LMPretrainConfig(steps=args.pretrain_steps, lr=args.pretrain_lr), args.pretrain_examples,
                     LMFinetuneConfig(train_examples=args.train_examples, epochs=args.epochs,
                                      batch_size=args.batch_size, lr=args.lr),
-                    args.test_examples, args.mergopt, args.cache_dir, args.noise_scale)
+                    args.test_examples, args.mergopt, args.cache_dir, noise_scale, model)
     text = json.dumps(out)
     print(text)
     if args.json:

@@ -101,6 +101,11 @@ def noise_offset_steps(noise_scale: float, lr: float, alphas=PAPER_ALPHAS, k_max
     return mean_abs_scale(alphas, k_max) * noise_scale / lr
 
 
+def noise_scale_for_offset(offset: float, lr: float, alphas=PAPER_ALPHAS, k_max: int = PAPER_K_MAX) -> float:
+    """The b whose noise offset (``noise_offset_steps``) at peak lr ``lr`` is ``offset`` Adam steps."""
+    return offset * lr / mean_abs_scale(alphas, k_max)
+
+
 def _max_abs_diff(a: StateDict, b: StateDict) -> float:
     return max(float((a[key] - b[key]).abs().max()) for key in a)
 
@@ -202,7 +207,7 @@ def run_protocol(protocol: Protocol, seeds: int, merges: Sequence[str], noise_sc
     if noise_scale is not None:
         scale, source = noise_scale, "--noise-scale"
     elif noise_offset is not None:
-        scale = noise_offset * protocol.lr / mean_abs_scale()
+        scale = noise_scale_for_offset(noise_offset, protocol.lr)
         source = f"offset of {noise_offset:g} Adam steps"
     else:
         scale, source = fit.b, "laplace fit"

@@ -14,10 +14,11 @@ Give the Trainer a MergOPT optimizer and this callback::
 
 The optimizer alone already makes every training forward/backward see perturbed weights (the
 Trainer calls ``step()`` without a closure, and ``step()`` writes the next perturbation). The
-callback makes everything the Trainer reads or writes between steps see the clean weights
-theta: checkpoints (``model.safetensors``), evaluation during training, the best-model reload
-and the model left after ``train()``; and it makes ``resume_from_checkpoint`` continue the
-uninterrupted run (same noise from the next step on, weights equal up to fp rounding).
+callback attaches the optimizer to the model (``opt.attach(model)``), so that everything the
+Trainer reads or writes between steps sees the clean weights theta: checkpoints
+(``model.safetensors``), evaluation during training, the best-model reload and the model left
+after ``train()``; ``resume_from_checkpoint`` continues the uninterrupted run (same noise from
+the next step on, weights equal up to fp rounding).
 
 With DeepSpeed ZeRO (``TrainingArguments(deepspeed=config)``, stages 1, 2 and 3, fp32 or
 bf16), the Trainer discards ``optimizers=(opt, sched)`` and builds the optimizer itself (the
@@ -61,6 +62,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 import torch
 
+from ..optim.attach import attachment_of
 from ..optim.perturbed_optimizer import PerturbedOptimizer
 
 __all__ = ["MergOptCallback"]
@@ -107,19 +109,21 @@ DEEPSPEED_ROUTE = (
 
 
 class MergOptCallback(TrainerCallback):
-    """Keep the model clean (theta) whenever ``transformers.Trainer`` is not training on it.
+    """``opt.attach(model)`` for ``transformers.Trainer``: everything the Trainer reads between
+    steps sees theta.
 
-    - when the Trainer is built: remove the perturbation, so a checkpoint loaded by
-      ``train(resume_from_checkpoint=...)`` lands in clean parameters;
-    - when training begins: remove it again (Accelerate's optimizer wrapper reloads the
-      optimizer's state dict, which writes the perturbation), so an ``eval_on_start``
-      evaluation sees theta;
-    - at the start of every optimizer step: write the current perturbation back
-      (``apply_perturbation()``: a no-op when it is there already, e.g. after the Trainer
-      loaded the optimizer's state);
-    - after an optimizer step after which the Trainer will save, evaluate or stop, and at
-      the end of an epoch and of training: remove it, so checkpoints, evaluation metrics and
-      the final model are those of theta.
+    - when the Trainer is built (or, under DeepSpeed, whose optimizer the Trainer builds in
+      ``train()``, when training begins): attaches the optimizer to the Trainer's model (unless
+      it is attached already) and removes the perturbation, so checkpoints
+      (``model.safetensors``, ``save_model``) hold theta and evaluation (the Trainer's eval-mode
+      forwards, ``evaluate()`` before ``train()`` too) runs on theta, while every training
+      forward runs on theta_t + s_t z_t; loads (``resume_from_checkpoint``, the best-model
+      reload) land as theta;
+    - before a save (``control.should_save`` after a step): removes the perturbation, because
+      under DeepSpeed ZeRO-3 the Trainer gathers the 16-bit weights through the engine, which
+      does not call ``state_dict()``;
+    - when training ends: removes the perturbation and takes off the hooks it attached, so the
+      model left after ``train()`` holds theta and is a plain module again.
 
     Under DeepSpeed the Trainer's optimizer is Accelerate's wrapper around DeepSpeed's ZeRO
     optimizer around ours (built from ``Trainer(optimizer_cls_and_kwargs=...)``, see the
@@ -143,6 +147,7 @@ class MergOptCallback(TrainerCallback):
         if optimizer is not None and _find_mergopt(optimizer) is None:
             raise TypeError(f"optimizer must be a FusedMergOptAdamW or MergOpt, got {type(optimizer).__name__}")
         self._optimizer = _find_mergopt(optimizer) if optimizer is not None else None
+        self._attachment = None  # the hooks this callback put on the Trainer's model
 
     def _mergopt(self, kwargs: dict, required: bool = False, args=None) -> Optional[PerturbedOptimizer]:
         """The optimizer to manage. ``required``: raise unless it is the one the Trainer trains
@@ -172,26 +177,25 @@ class MergOptCallback(TrainerCallback):
                             f"{_describe(trainer_optimizer)}")
         return found
 
-    def _remove(self, kwargs: dict) -> None:
-        opt = self._mergopt(kwargs)
-        if opt is not None:
-            opt.remove_perturbation()
+    def _attach(self, opt: PerturbedOptimizer, model: torch.nn.Module) -> None:
+        if attachment_of(opt) is None:
+            self._attachment = opt.attach(model)
+        opt.remove_perturbation()
 
     def on_init_end(self, args, state, control, **kwargs):
-        self._remove(kwargs)
+        opt = self._mergopt(kwargs)
+        if opt is not None:  # None under DeepSpeed: the Trainer builds its optimizer in train()
+            self._attach(opt, kwargs["model"])
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self._mergopt(kwargs, required=True, args=args).remove_perturbation()
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._mergopt(kwargs, required=True, args=args).apply_perturbation()
+        self._attach(self._mergopt(kwargs, required=True, args=args), kwargs["model"])
 
     def on_step_end(self, args, state, control, **kwargs):
-        if control.should_save or control.should_evaluate or control.should_training_stop:
-            self._remove(kwargs)
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        self._remove(kwargs)
+        if control.should_save:
+            self._mergopt(kwargs).remove_perturbation()
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._remove(kwargs)
+        self._mergopt(kwargs).remove_perturbation()
+        if self._attachment is not None:
+            self._attachment.remove()
+            self._attachment = None

@@ -16,7 +16,9 @@ already in costs one Python call per module. Inside ``opt.clean_weights()`` the 
 nothing (the block owns the weights). Under DeepSpeed ZeRO a switch is a collective call: every
 rank must save or evaluate at the same points, as DeepSpeed's own save does; attach the engine
 (``opt.attach(engine)``), whose ZeRO-3 ``save_16bit_model`` gathers the weights without
-``state_dict()`` (``_deepspeed.watch_16bit_saves`` removes the perturbation first).
+``state_dict()`` (``_deepspeed.watch_16bit_saves`` removes the perturbation first). The forward
+pre-hooks run before the hooks already on a module, so attach after wrapping the model
+(``fully_shard``, ``deepspeed.initialize``): FSDP2 and ZeRO-3 then gather the switched weights.
 
 What the hooks cannot see: reads of ``p.data`` or of the parameter tensors themselves (e.g.
 ``model.parameters()`` copied by hand, ``named_parameters()`` passed to a custom saver),
@@ -29,18 +31,25 @@ from __future__ import annotations
 
 import functools
 import weakref
+from typing import Optional
 
 import torch
 
 from . import _deepspeed
 
+try:
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # torch built without distributed support
+    FSDPModule = None
+
 
 class _SwitchHook:
-    """The hook object: holds the optimizer weakly, and is dropped (does nothing) when the model
-    is copied or pickled, so that copying a model never copies its optimizer."""
+    """The hook object: holds the optimizer and the model weakly, and is dropped (does nothing)
+    when the model is copied or pickled, so that copying a model never copies its optimizer."""
 
-    def __init__(self, opt):
+    def __init__(self, opt, model: torch.nn.Module):
         self._opt = weakref.ref(opt)
+        self._model = weakref.ref(model)
 
     def __getstate__(self) -> dict:
         return {}
@@ -54,21 +63,32 @@ class _SwitchHook:
     def before_state_dict(self, module=None, prefix="", keep_vars=False) -> None:
         opt = self._optimizer()
         if opt is not None and opt._ledger.active and not opt._ledger.clean_blocks:
-            _switch_outside_compile()(opt, perturbed=False)
+            _switch_outside_compile()(opt, self._model(), perturbed=False)
 
     def before_forward(self, module, args) -> None:
         opt = self._optimizer()
         if opt is None or opt._ledger.clean_blocks or opt._ledger.active == module.training:
             return
-        _switch_outside_compile()(opt, perturbed=module.training)
+        _switch_outside_compile()(opt, self._model(), perturbed=module.training)
 
 
-def _switch(opt, perturbed: bool) -> None:
-    """Write the perturbation back (``perturbed``) or remove it."""
+def _switch(opt, model: Optional[torch.nn.Module], perturbed: bool) -> None:
+    """Write the perturbation back (``perturbed``) or remove it. FSDP2 modules are resharded
+    first: one that stayed unsharded after a no-grad forward (the root does, by default) would
+    run its next forward on the gathered copy of the weights before the switch."""
+    for module in _fsdp_modules(model):
+        module.reshard()
     if perturbed:
         opt.apply_perturbation()
     else:
         opt.remove_perturbation()
+
+
+def _fsdp_modules(model: Optional[torch.nn.Module]) -> list:
+    """The modules of ``model`` that FSDP2's ``fully_shard`` wrapped."""
+    if model is None or FSDPModule is None:
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
 @functools.cache
@@ -83,11 +103,13 @@ class Attachment:
     stay as they are; the next ``step()`` perturbs as usual)."""
 
     def __init__(self, opt, model: torch.nn.Module):
-        hook = _SwitchHook(opt)
+        hook = _SwitchHook(opt, model)
         self._handles = []
         for module in model.modules():
             self._handles.append(module.register_state_dict_pre_hook(hook.before_state_dict))
-            self._handles.append(module.register_forward_pre_hook(hook.before_forward))
+            # prepend: before FSDP2's or DeepSpeed ZeRO-3's pre-forward hooks gather the
+            # parameters the forward runs on, so the gathered copy holds the switched weights
+            self._handles.append(module.register_forward_pre_hook(hook.before_forward, prepend=True))
         # ZeRO-3's save_16bit_model gathers the weights without state_dict()
         self._unwatch = _deepspeed.watch_16bit_saves(model, hook.before_state_dict)
 
@@ -102,6 +124,12 @@ class Attachment:
         if self._unwatch is not None:
             self._unwatch()
             self._unwatch = None
+
+
+def attachment_of(opt) -> Optional[Attachment]:
+    """The attachment whose hooks are on a model now, made by ``opt.attach``; None if none is."""
+    current = opt.__dict__.get("_attachment")
+    return current if current is not None and current.attached else None
 
 
 def check_model(opt, model) -> None:

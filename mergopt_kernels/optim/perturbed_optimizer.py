@@ -403,8 +403,7 @@ class PerturbedOptimizer(torch.optim.Optimizer):
             not one of ``model``'s, or the optimizer is attached to a model already.
         """
         attach_module.check_model(self, model)
-        current = self.__dict__.get("_attachment")
-        if current is not None and current.attached:
+        if attach_module.attachment_of(self) is not None:
             raise ValueError("attach(model): this optimizer is attached to a model already; call .remove() on the "
                              "handle attach() returned first")
         self._attachment = attach_module.Attachment(self, model)
