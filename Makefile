@@ -30,7 +30,7 @@ docs: setup
 
 # The experiment reports in docs/experiments: both protocols at their defaults on one thread
 # (on a machine shared with other jobs, two threads slow a small model down many times); about
-# 80 s (digits) and 12 minutes (lm) of CPU time. Each folder gets report.md, results.json and
+# 80 s (digits) and 8.5 minutes (lm) of CPU time. Each folder gets report.md, results.json and
 # the figures.
 experiments: setup
 	$(PY) -m mergopt_kernels demo --threads 1 --no-progress --out docs/experiments/digits

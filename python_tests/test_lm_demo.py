@@ -205,21 +205,22 @@ def test_lm_cli_end_to_end_and_cache_reuse(tmp_path, monkeypatch):
 
 
 def test_default_regime_settings_and_its_noise_offset():
-    """The default regime, fixed from the seed-0 calibration runs (README): a base pre-trained for
-    350 steps, experts at batch 8 and lr 2.5e-4 over 3 epochs of 480 examples, b from an offset of
-    20 Adam steps; --quick keeps the regime's fine-tuning and offset; the GPU configuration keeps
-    the fitted b."""
+    """The default regime, fixed from the seed-0 calibration runs (docs/experiments.md): a 3-layer
+    base pre-trained for 340 steps, experts at batch 12 and lr 3e-4 over 3 epochs of 480
+    examples, b from an offset of 20 Adam steps; --quick keeps the regime's model, fine-tuning
+    and offset; the GPU configuration keeps the fitted b."""
     config = lm_experiment.LMDemoConfig()
-    assert config.pretrain == LMPretrainConfig(steps=350) and config.pretrain_examples == 4000
-    assert config.finetune == LMFinetuneConfig(train_examples=480, epochs=3, batch_size=8, lr=2.5e-4,
+    assert config.model == GPTConfig(width=64, layers=3, heads=4, context=64)
+    assert config.pretrain == LMPretrainConfig(steps=340) and config.pretrain_examples == 4000
+    assert config.finetune == LMFinetuneConfig(train_examples=480, epochs=3, batch_size=12, lr=3e-4,
                                                weight_decay=1e-3)
     assert config.noise_offset == 20.0 and config.noise_scale is None and config.seeds == 5
     quick = lm_experiment.lm_quick_config()
-    assert (quick.noise_offset, quick.finetune.lr, quick.finetune.batch_size) == (20.0, 2.5e-4, 8)
+    assert (quick.model, quick.noise_offset, quick.finetune.lr, quick.finetune.batch_size) == (config.model, 20.0, 3e-4, 12)
     assert lm_gpu_config().noise_offset is None
     results = run_lm_demo(dataclasses.replace(config, **TINY, merges=("dare",), sweep=((), ()), controls=False))
     noise = results["noise"]
-    assert noise["offset"] == pytest.approx(20.0) and noise["scale"] == pytest.approx(20.0 * 2.5e-4 / (5 / 6))
+    assert noise["offset"] == pytest.approx(20.0) and noise["scale"] == pytest.approx(20.0 * 3e-4 / (5 / 6))
     assert results["config"]["noise_offset"] == 20.0
 
 

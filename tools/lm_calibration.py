@@ -1,13 +1,15 @@
 """Calibrate the LM protocol's regime on the pilot seed (seed 0) only: pre-train (or load) a base,
 fine-tune the AdamW experts of seed 0, fit the Laplace noise scale to their task vectors, report
 the noise offset (E|s| b / lr, in Adam steps), the experts' gain over the base and the share of
-that gain each merge keeps; optionally the same for MergOPT experts at the fitted b.
+that gain each merge keeps; optionally the same for MergOPT experts (at the fitted b, or at
+``--noise-scale`` / ``--noise-offset``). Every setting defaults to the LM demo's default run.
 
 Nothing here looks at more than seed 0, so settings chosen from it are fixed before any
 multi-seed result exists.
 
-    python tools/lm_calibration.py --pretrain-steps 300 --pretrain-examples 1000 --lr 3e-4 \\
-        --train-examples 960 --epochs 3 --batch-size 16 [--mergopt] [--json out.json]
+    python tools/lm_calibration.py --noise-offset 20 --mergopt    # the default run's seed 0
+    python tools/lm_calibration.py --layers 2 --pretrain-steps 350 --batch-size 16 --lr 3e-4 \\
+        [--json runs.jsonl]
 """
 
 from __future__ import annotations
@@ -79,14 +81,15 @@ def calibrate(pretrain: LMPretrainConfig, pretrain_examples: int, finetune: LMFi
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pretrain-steps", type=int, default=800)
-    parser.add_argument("--pretrain-examples", type=int, default=4000)
-    parser.add_argument("--pretrain-lr", type=float, default=2e-3)
-    parser.add_argument("--train-examples", type=int, default=480)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--test-examples", type=int, default=200)
+    regime = LMDemoConfig()
+    parser.add_argument("--pretrain-steps", type=int, default=regime.pretrain.steps)
+    parser.add_argument("--pretrain-examples", type=int, default=regime.pretrain_examples)
+    parser.add_argument("--pretrain-lr", type=float, default=regime.pretrain.lr)
+    parser.add_argument("--train-examples", type=int, default=regime.finetune.train_examples)
+    parser.add_argument("--epochs", type=int, default=regime.finetune.epochs)
+    parser.add_argument("--batch-size", type=int, default=regime.finetune.batch_size)
+    parser.add_argument("--lr", type=float, default=regime.finetune.lr)
+    parser.add_argument("--test-examples", type=int, default=regime.test_examples)
     parser.add_argument("--noise-scale", type=float, default=None)
     parser.add_argument("--noise-offset", type=float, default=None,
                         help="set b so that E|s| b / lr is this many Adam steps (the default run's: 20)")
@@ -98,9 +101,8 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = LMDemoConfig().model
-    model = GPTConfig(width=args.width or model.width, layers=args.layers or model.layers, heads=model.heads,
-                      context=model.context)
+    model = GPTConfig(width=args.width or regime.model.width, layers=args.layers or regime.model.layers,
+                      heads=regime.model.heads, context=regime.model.context)
     noise_scale = args.noise_scale
     if args.noise_offset is not None:
         noise_scale = noise_scale_for_offset(args.noise_offset, args.lr)
