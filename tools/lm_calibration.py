@@ -17,17 +17,32 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 
 from mergopt_kernels import analysis
 from mergopt_kernels.demo.finetune import arm_recipe, train_recipe
-from mergopt_kernels.demo.lm_experiment import LMDemoConfig, LMFinetuneConfig, _epochs
-from mergopt_kernels.demo.protocol import noise_offset_steps, noise_scale_for_offset
-from mergopt_kernels.demo.lm_model import GPTConfig, LMPretrainConfig, lm_loss, load_or_pretrain, task_metric
+from mergopt_kernels.demo.lm_experiment import (
+    REGIME_MODEL,
+    LMDemoConfig,
+    LMFinetuneConfig,
+    _epochs,
+)
+from mergopt_kernels.demo.lm_model import (
+    GPTConfig,
+    LMPretrainConfig,
+    lm_loss,
+    load_or_pretrain,
+    task_metric,
+)
 from mergopt_kernels.demo.lm_tasks import LM_TASKS, make_lm_task, pretraining_mixture
-from mergopt_kernels.demo.protocol import MERGES, noise_seed
+from mergopt_kernels.demo.protocol import (
+    MERGES,
+    noise_offset_steps,
+    noise_scale_for_offset,
+    noise_seed,
+)
 
 
 def _average(values) -> float:
@@ -36,11 +51,9 @@ def _average(values) -> float:
 
 def calibrate(pretrain: LMPretrainConfig, pretrain_examples: int, finetune: LMFinetuneConfig, test_examples: int,
               mergopt: bool, cache_dir: str | None, noise_scale: float | None = None,
-              model: GPTConfig | None = None) -> dict:
-    config = LMDemoConfig(pretrain=pretrain, pretrain_examples=pretrain_examples, finetune=finetune,
+              shape: GPTConfig = REGIME_MODEL) -> dict:
+    config = LMDemoConfig(model=shape, pretrain=pretrain, pretrain_examples=pretrain_examples, finetune=finetune,
                           test_examples=test_examples, seeds=1, cache_dir=cache_dir, progress=False)
-    if model is not None:
-        config.model = model
     start = time.perf_counter()
     tasks = [make_lm_task(name, finetune.train_examples, test_examples) for name in LM_TASKS]
     model, base, _ = load_or_pretrain(pretraining_mixture(LM_TASKS, pretrain_examples),
@@ -101,15 +114,14 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = GPTConfig(width=args.width or regime.model.width, layers=args.layers or regime.model.layers,
-                      heads=regime.model.heads, context=regime.model.context)
+    shape = replace(regime.model, width=args.width or regime.model.width, layers=args.layers or regime.model.layers)
     noise_scale = args.noise_scale
     if args.noise_offset is not None:
         noise_scale = noise_scale_for_offset(args.noise_offset, args.lr)
     out = calibrate(LMPretrainConfig(steps=args.pretrain_steps, lr=args.pretrain_lr), args.pretrain_examples,
                     LMFinetuneConfig(train_examples=args.train_examples, epochs=args.epochs,
                                      batch_size=args.batch_size, lr=args.lr),
-                    args.test_examples, args.mergopt, args.cache_dir, noise_scale, model)
+                    args.test_examples, args.mergopt, args.cache_dir, noise_scale, shape)
     text = json.dumps(out)
     print(text)
     if args.json:
