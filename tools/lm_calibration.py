@@ -23,26 +23,10 @@ import torch
 
 from mergopt_kernels import analysis
 from mergopt_kernels.demo.finetune import arm_recipe, train_recipe
-from mergopt_kernels.demo.lm_experiment import (
-    REGIME_MODEL,
-    LMDemoConfig,
-    LMFinetuneConfig,
-    _epochs,
-)
-from mergopt_kernels.demo.lm_model import (
-    GPTConfig,
-    LMPretrainConfig,
-    lm_loss,
-    load_or_pretrain,
-    task_metric,
-)
+from mergopt_kernels.demo.lm_experiment import REGIME_MODEL, LMDemoConfig, LMFinetuneConfig, _epochs
+from mergopt_kernels.demo.lm_model import GPTConfig, LMPretrainConfig, lm_loss, load_or_pretrain, task_metric
 from mergopt_kernels.demo.lm_tasks import LM_TASKS, make_lm_task, pretraining_mixture
-from mergopt_kernels.demo.protocol import (
-    MERGES,
-    noise_offset_steps,
-    noise_scale_for_offset,
-    noise_seed,
-)
+from mergopt_kernels.demo.protocol import MERGES, noise_offset_steps, noise_scale_for_offset, noise_seed
 
 
 def _average(values) -> float:
