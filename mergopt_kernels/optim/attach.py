@@ -55,7 +55,7 @@ class _SwitchHook:
         return {}
 
     def __setstate__(self, state: dict) -> None:
-        self._opt = None
+        self._opt = self._model = None
 
     def _optimizer(self):
         return None if self._opt is None else self._opt()
