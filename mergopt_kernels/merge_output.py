@@ -81,14 +81,6 @@ def check_free_space(out: Path, nbytes: int) -> None:
 class _Terminated(BaseException):
     """SIGTERM or SIGHUP arrived while the output was written."""
 
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _raise_terminated(signum, frame):
-    raise _Terminated(signum)
-
 
 @contextlib.contextmanager
 def partial_folder(out: Path) -> Iterator[Path]:
@@ -98,7 +90,13 @@ def partial_folder(out: Path) -> Iterator[Path]:
     handlers there) the folder is removed; a signal then ends the process with 128 + its number.
     """
     handle = threading.current_thread() is threading.main_thread()
-    previous = {signum: signal.signal(signum, _raise_terminated) for signum in HANDLED_SIGNALS} if handle else {}
+    received = []  # the signal that arrived, if one did
+
+    def terminate(signum, frame):
+        received.append(signum)
+        raise _Terminated(signum)
+
+    previous = {signum: signal.signal(signum, terminate) for signum in HANDLED_SIGNALS} if handle else {}
     partial = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         partial.mkdir()
@@ -110,8 +108,10 @@ def partial_folder(out: Path) -> Iterator[Path]:
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
-    except _Terminated as terminated:
-        raise SystemExit(128 + terminated.signum) from None
+    except BaseException:
+        if received:  # whatever the exception became: C code it crossed (torch, safetensors) may replace it
+            raise SystemExit(128 + received[0]) from None
+        raise
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

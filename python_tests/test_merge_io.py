@@ -761,6 +761,31 @@ def test_partial_folder_of_a_killed_merge_is_removed_by_the_next_merge(tmp_path)
     assert_equal_state(read_folder(out), merging.task_arithmetic(base_sd, expert_sds))
 
 
+def test_a_signal_ends_the_merge_with_its_status_whatever_its_exception_became(tmp_path):
+    """The handler's exception can cross C code (torch's storage, safetensors' reader) that
+    replaces it by another error; the exit status is still 128 + the signal and the partial
+    folder is removed."""
+    import os
+    import signal
+    import time
+
+    from mergopt_kernels.merge_output import partial_folder
+
+    out = tmp_path / "out"
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exited:
+        with partial_folder(out) as partial:
+            (partial / "model.safetensors").write_bytes(bytes(10))
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler runs before this returns
+            except BaseException:
+                raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'") from None
+    assert exited.value.code == 128 + signal.SIGTERM
+    assert not partial.exists() and not out.exists()
+    assert signal.getsignal(signal.SIGTERM) is handler
+
+
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
 def test_signal_removes_the_partial_folder(signame, tmp_path):
     import signal
